@@ -119,6 +119,8 @@ class TransferConfig:
         _check_non_negative_int("reinit_top_k", self.reinit_top_k)
         if self.transfer_bottom_n is not None:
             _check_non_negative_int("transfer_bottom_n", self.transfer_bottom_n)
+        if self.reinit_seed is not None:
+            _check_non_negative_int("reinit_seed", self.reinit_seed)
         if self.freeze_bottom_blocks != "half":
             _check_non_negative_int("freeze_bottom_blocks", self.freeze_bottom_blocks)
         _check_str_list("train_groups", self.train_groups)
@@ -225,6 +227,9 @@ class TransferConfig:
 
 
 def _migrate(data: dict[str, Any]) -> dict[str, Any]:
-    """Bring an older saved config up to `CONFIG_VERSION` (version 1 is the first: nothing to do yet)."""
-    data.setdefault("version", CONFIG_VERSION)
+    """Bring an older saved config up to `CONFIG_VERSION` (version 1 is the first: nothing to do yet).
+
+    A config saved without a ``version`` predates versioning: it is version 1, whatever `CONFIG_VERSION` is now.
+    """
+    data.setdefault("version", 1)
     return data

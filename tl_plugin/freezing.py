@@ -60,14 +60,16 @@ def _block_indices(selector: str, groups: LayerGroups) -> list[int] | None:
         first, last = int(match.group(1)), int(match.group(2))
         if first > last or last >= n:
             raise ValueError(
-                f"Block range {selector!r} is out of range: this model has {n} blocks (blocks.0-{n - 1})."
+                f"Block range {selector!r} is out of range: this model has {n} blocks (blocks.0-{n - 1}); "
+                f"{_valid_selectors_hint(groups)}."
             )
         return list(range(first, last + 1))
     if match := _BLOCK_INDEX.fullmatch(selector):
         index = int(match.group(1))
         if not -n <= index < n:
             raise ValueError(
-                f"Block {selector!r} is out of range: this model has {n} blocks (blocks.0-{n - 1})."
+                f"Block {selector!r} is out of range: this model has {n} blocks (blocks.0-{n - 1}); "
+                f"{_valid_selectors_hint(groups)}."
             )
         return [index % n]
     if match := _BLOCK_SLICE.fullmatch(selector):
@@ -128,7 +130,9 @@ def _match_selector(selector: str, groups: LayerGroups, all_names: list[str]) ->
         try:
             pattern = re.compile(selector[3:])
         except re.error as err:
-            raise ValueError(f"Selector {selector!r} is not a valid regex: {err}.") from err
+            raise ValueError(
+                f"Selector {selector!r} is not a valid regex: {err}; {_valid_selectors_hint(groups)}."
+            ) from err
         return {name for name in all_names if pattern.fullmatch(name)}
     if any(ch in selector for ch in "*?["):
         return {name for name in all_names if fnmatch.fnmatchcase(name, selector)}

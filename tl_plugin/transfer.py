@@ -27,13 +27,15 @@ def groups_for_config(model: nn.Module, config: TransferConfig) -> LayerGroups:
     return discover_layer_groups(model, blocks=config.blocks, head=config.head)
 
 
-def _owner_modules(model: nn.Module, param_names: Sequence[str]) -> list[nn.Module]:
-    modules = dict(model.named_modules())
-    owners: dict[str, nn.Module] = {}
+def _owner_paths(param_names: Sequence[str]) -> list[str]:
+    owners: dict[str, None] = {}
     for name in param_names:
-        owner = name.rsplit(".", 1)[0] if "." in name else ""
-        owners.setdefault(owner, modules[owner])
-    return list(owners.values())
+        owners.setdefault(name.rsplit(".", 1)[0] if "." in name else "", None)
+    return list(owners)
+
+
+def _under(name: str, path: str) -> bool:
+    return path == "" or name.startswith(path + ".")
 
 
 def _clear_initialised_flags(module: nn.Module) -> None:
@@ -64,6 +66,7 @@ def reinitialize(model: nn.Module, groups: Sequence[LayerGroup], seed: int | Non
 
     A transformers model's ``_init_weights`` is applied to every module of each block (and to the modules owning
     the parameters of non-block groups); a plain module's submodules are reset with ``reset_parameters()``.
+    Parameters outside `groups` (e.g. PEFT adapter weights inside a block) keep their values.
 
     Returns:
         `list[str]`: the names of the parameters that changed.
@@ -75,18 +78,29 @@ def reinitialize(model: nn.Module, groups: Sequence[LayerGroup], seed: int | Non
     names = [n for g in groups for n in g.param_names]
     before = {n: params[n].detach().clone() for n in names}
     modules = dict(model.named_modules())
+    roots = [
+        path
+        for group in groups
+        for path in (
+            [group.module_name] if group.module_name is not None else _owner_paths(group.param_names)
+        )
+    ]
+    # The init functions recurse into whole module trees, which can hold parameters of other groups (e.g. PEFT
+    # LoRA weights inside a block): those are put back, so that only the requested groups change.
+    wanted = set(names)
+    protected = {
+        n: p.detach().clone()
+        for n, p in params.items()
+        if n not in wanted and any(_under(n, root) for root in roots)
+    }
     fork = torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext()
     with fork, torch.no_grad():
         if seed is not None:
             torch.manual_seed(seed)
-        for group in groups:
-            roots = (
-                [modules[group.module_name]]
-                if group.module_name is not None
-                else _owner_modules(model, group.param_names)
-            )
-            for root in roots:
-                _init_module_tree(model, root)
+        for root in roots:
+            _init_module_tree(model, modules[root])
+        for n, saved in protected.items():
+            params[n].copy_(saved)
     changed = [n for n in names if not torch.equal(before[n], params[n].detach())]
     if names and not changed:
         raise RuntimeError(

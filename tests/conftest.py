@@ -1,0 +1,23 @@
+"""Shared test setup: offline, quiet Hugging Face libraries and a tiny seeded BERT.
+
+The environment variables are set at import time, before any test module imports transformers, so no test can
+reach the Hugging Face Hub. The tiny-model matrix for every architecture lives in ``tests/tiny_models.py``.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+import pytest  # noqa: E402
+from tiny_models import build_tiny_bert  # noqa: E402
+
+
+@pytest.fixture
+def tiny_bert():
+    """A fresh tiny BERT sequence classifier: hidden 32, 4 layers, 2 heads, intermediate 37, vocab 99, 2 labels."""
+    return build_tiny_bert()
