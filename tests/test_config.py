@@ -123,7 +123,7 @@ PARTIAL = {"strategy": "partial", "reinit_top_k": 1}
         ({"strategy": "partial", "reinit_top_k": True}, "`reinit_top_k` must be an integer >= 0, got True"),
         (
             {**LAYERS, "freeze_bottom_blocks": "all"},
-            "`freeze_bottom_blocks` must be an integer >= 0, got 'all'",
+            "`freeze_bottom_blocks` must be an integer >= 0 or 'half', got 'all'",
         ),
         (
             {**LAYERS, "train_groups": "head"},

@@ -311,11 +311,12 @@ def test_trainable_report_to_dict_holds_the_numbers_for_logging(tiny_bert):
     logged = report.to_dict()
     trainable_total = sum(t for t, _ in expected.values())
     all_total = sum(n for _, n in expected.values())
-    assert logged["trainable_params/total"] == float(trainable_total)
+    assert logged["trainable_params/trainable"] == float(trainable_total)
+    assert logged["trainable_params/total"] == float(all_total)
     assert logged["trainable_params/percent"] == pytest.approx(100 * trainable_total / all_total, abs=1e-4)
     for group, (trainable, _) in expected.items():
         assert logged[f"trainable_params/{group}"] == float(trainable)
-    assert set(logged) == {"trainable_params/total", "trainable_params/percent"} | {
+    assert set(logged) == {"trainable_params/trainable", "trainable_params/total", "trainable_params/percent"} | {
         f"trainable_params/{g}" for g in GROUP_PREFIXES
     }
     assert all(isinstance(v, float) for v in logged.values())

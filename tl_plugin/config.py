@@ -121,8 +121,14 @@ class TransferConfig:
             _check_non_negative_int("transfer_bottom_n", self.transfer_bottom_n)
         if self.reinit_seed is not None:
             _check_non_negative_int("reinit_seed", self.reinit_seed)
-        if self.freeze_bottom_blocks != "half":
-            _check_non_negative_int("freeze_bottom_blocks", self.freeze_bottom_blocks)
+        if self.freeze_bottom_blocks != "half" and (
+            not isinstance(self.freeze_bottom_blocks, int)
+            or isinstance(self.freeze_bottom_blocks, bool)
+            or self.freeze_bottom_blocks < 0
+        ):
+            raise ValueError(
+                f"`freeze_bottom_blocks` must be an integer >= 0 or 'half', got {self.freeze_bottom_blocks!r}."
+            )
         _check_str_list("train_groups", self.train_groups)
         if self.head is not None:
             _check_str_list("head", self.head)

@@ -329,9 +329,14 @@ class TrainableReport:
         return [r.group for r in self.rows if r.total and not r.trainable]
 
     def to_dict(self, prefix: str = "trainable_params") -> dict[str, float]:
-        """Flat numeric dict for `Trainer.log`: ``{"trainable_params/total": .., "trainable_params/blocks.0": ..}``."""
+        """Flat numeric dict for `Trainer.log`: ``{"trainable_params/trainable": .., "trainable_params/blocks.0": ..}``.
+
+        ``<prefix>/trainable`` and ``<prefix>/total`` are the trainable and total parameter counts, ``<prefix>/percent``
+        their ratio, and ``<prefix>/<group>`` the trainable count of each group.
+        """
         out: dict[str, float] = {
-            f"{prefix}/total": float(self.trainable),
+            f"{prefix}/trainable": float(self.trainable),
+            f"{prefix}/total": float(self.total),
             f"{prefix}/percent": round(self.percent, 4),
         }
         for row in self.rows:

@@ -61,6 +61,12 @@ def _init_module_tree(model: nn.Module, module: nn.Module) -> None:
                 reset()
 
 
+def _has_initialiser(model: nn.Module, groups: Sequence[LayerGroup]) -> bool:
+    if callable(getattr(model, "_init_weights", None)):
+        return True
+    return any(callable(getattr(m, "reset_parameters", None)) for m in model.modules())
+
+
 def reinitialize(model: nn.Module, groups: Sequence[LayerGroup], seed: int | None = None) -> list[str]:
     """Re-initialise the parameters of `groups` with the model's own initialisation.
 
@@ -93,7 +99,8 @@ def reinitialize(model: nn.Module, groups: Sequence[LayerGroup], seed: int | Non
         for n, p in params.items()
         if n not in wanted and any(_under(n, root) for root in roots)
     }
-    fork = torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    fork = torch.random.fork_rng(devices=devices) if seed is not None else contextlib.nullcontext()
     with fork, torch.no_grad():
         if seed is not None:
             torch.manual_seed(seed)
@@ -102,7 +109,7 @@ def reinitialize(model: nn.Module, groups: Sequence[LayerGroup], seed: int | Non
         for n, saved in protected.items():
             params[n].copy_(saved)
     changed = [n for n in names if not torch.equal(before[n], params[n].detach())]
-    if names and not changed:
+    if names and not changed and not _has_initialiser(model, groups):
         raise RuntimeError(
             f"Re-initialising groups {[g.name for g in groups]} changed no parameter: {type(model).__name__} has "
             f"no `_init_weights` and its modules no `reset_parameters()`."
