@@ -214,6 +214,8 @@ def run_train(argv: list[str]) -> dict[str, Any]:
             f"Data: {len(dataset['train'])} train / {len(dataset['validation'])} validation / "
             f"{len(dataset['test'])} test reviews, labels {label_names}"
         )
+        mode = "distributed" if training_args.world_size > 1 else "single process"
+        print(f"Processes: {training_args.world_size} ({mode}), device {training_args.device}")
 
     optimizer = create_optimizer(model, training_args, lr_decay=transfer_config.lr_decay, groups=groups)
     trainer = Trainer(
