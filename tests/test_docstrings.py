@@ -15,6 +15,10 @@ MODULES = [
     "tl_plugin.freezing",
     "tl_plugin.config",
     "tl_plugin.transfer",
+    "tl_plugin.optim",
+    "tl_plugin.callbacks.transfer",
+    "tl_plugin.callbacks.schedules",
+    "tl_plugin.callbacks.lr",
 ]
 
 

@@ -10,11 +10,15 @@ kept in :attr:`TLCallback.events`.
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import weakref
 from collections.abc import Iterable
 from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.training_args import ParallelMode
 
 logger = logging.getLogger("tl_plugin")
 
@@ -43,6 +47,21 @@ class TLCallback(TrainerCallback):
     def trainer(self) -> Any | None:
         return self._trainer_ref() if self._trainer_ref is not None else None
 
+    def bind_from_caller(self) -> None:
+        """Bind to the `Trainer` firing the current event, if the callback is not bound yet.
+
+        A callback passed as ``Trainer(callbacks=[...])`` is never given its trainer. Called from an event handler,
+        this finds the `Trainer` whose method fired the event further up the call stack (its ``__init__`` for
+        ``on_init_end``, ``train`` for ``on_train_begin``) and, if this callback is one of its callbacks, binds every
+        tl_plugin callback of that trainer (:func:`bind_all`, which also checks for conflicts). When no trainer is
+        found, the callback stays unbound and logs to the Python logger only.
+        """
+        if self.trainer is not None:
+            return
+        trainer = find_calling_trainer()
+        if trainer is not None and any(cb is self for cb in trainer.callback_handler.callbacks):
+            bind_all(trainer)
+
     # ------------------------------------------------------------------ logging
     def log_event(self, state: TrainerState, message: str, metrics: dict[str, float] | None = None) -> None:
         """Record an event; on the main process, log `message` and send `metrics` through `Trainer.log`."""
@@ -53,12 +72,37 @@ class TLCallback(TrainerCallback):
         logger.info("[step %s] %s", state.global_step, message)
         trainer = self.trainer
         if trainer is not None and metrics:
+            # `Trainer.log` runs `on_log`, which resets `control.should_log`. Called from a step or epoch event that
+            # would drop the Trainer's own loss log for that step on this process only, and under DDP the ranks
+            # would then disagree on the loss all-gather: keep the flag as it was.
+            control = getattr(trainer, "control", None)
+            should_log = getattr(control, "should_log", None)
             trainer.log(dict(metrics))
+            if control is not None and should_log is not None:
+                control.should_log = should_log
 
     def on_init_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         return None
+
+
+def find_calling_trainer(max_depth: int = 16) -> Any | None:
+    """The `transformers.Trainer` whose method is running up to `max_depth` frames up the call stack, or `None`."""
+    from transformers import Trainer
+
+    frame = sys._getframe(1)
+    try:
+        for _ in range(max_depth):
+            if frame is None:
+                return None
+            candidate = frame.f_locals.get("self")
+            if isinstance(candidate, Trainer):
+                return candidate
+            frame = frame.f_back  # type: ignore[assignment]
+        return None
+    finally:
+        del frame
 
 
 def check_no_conflicts(callbacks: Iterable[Any]) -> None:
@@ -70,10 +114,7 @@ def check_no_conflicts(callbacks: Iterable[Any]) -> None:
             continue
         name = type(callback).__name__
         if key in owners:
-            raise ValueError(
-                f"Conflicting callbacks: {owners[key]} and {name} both control {key}. Use one of them (a "
-                f"FreezeScheduleCallback can express several phases)."
-            )
+            raise ValueError(_conflict_message(owners[key], name, key))
         owners[key] = name
 
 
@@ -96,3 +137,71 @@ def bind_all(trainer: Any) -> None:
     for callback in handler_callbacks:
         if isinstance(callback, TLCallback):
             callback.bind(trainer)
+
+
+# ---------------------------------------------------------------------------------------------- shared helpers
+#: Per-object claims of conflict keys: {anchor (a model or an optimizer): {conflict_key: (scope ref, callback ref)}}.
+_CLAIMS: weakref.WeakKeyDictionary[Any, dict[str, tuple[Any, weakref.ReferenceType[Any]]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _conflict_message(first: str, second: str, key: str) -> str:
+    return (
+        f"Conflicting callbacks: {first} and {second} both control {key}. Use one of them (a "
+        f"FreezeScheduleCallback can express several phases)."
+    )
+
+
+def claim_exclusive(callback: Any, anchor: Any, scope: Any = None) -> None:
+    """Claim `callback.conflict_key` on `anchor` (the model at ``on_init_end``, the optimizer at ``on_train_begin``).
+
+    Callbacks passed as ``Trainer(callbacks=[...])`` never see each other: a second live callback of the same
+    `conflict_key` claiming the same anchor within the same `scope` (e.g. the `TrainerState` of one ``Trainer(...)``
+    call) raises the same `ValueError` as :func:`check_no_conflicts`, before training starts.
+    """
+    key = getattr(callback, "conflict_key", None)
+    if key is None:
+        return
+    owners = _CLAIMS.setdefault(anchor, {})
+    previous = owners.get(key)
+    scope_ref = weakref.ref(scope) if scope is not None else None
+    if previous is not None:
+        previous_scope = previous[0]() if previous[0] is not None else None
+        other = previous[1]()
+        same_scope = previous_scope is scope if scope is not None else previous[0] is None
+        if same_scope and other is not None and other is not callback:
+            raise ValueError(_conflict_message(type(other).__name__, type(callback).__name__, key))
+    owners[key] = (scope_ref, weakref.ref(callback))
+
+
+def is_distributed(args: TrainingArguments) -> bool:
+    """Whether the run is DDP-style distributed (several processes, each with a replica)."""
+    return args.parallel_mode == ParallelMode.DISTRIBUTED
+
+
+def require_find_unused_parameters(args: TrainingArguments, who: str) -> None:
+    """Raise unless ``ddp_find_unused_parameters=True`` in a distributed run where `who` freezes parameters that
+    the DDP reducer registered (they then produce no gradient in some steps)."""
+    if is_distributed(args) and args.ddp_find_unused_parameters is not True:
+        raise ValueError(
+            f"{who} freezes, during training, parameters that DistributedDataParallel registered as trainable; DDP "
+            f"then needs `TrainingArguments.ddp_find_unused_parameters=True` (got "
+            f"{args.ddp_find_unused_parameters!r})."
+        )
+
+
+def checkpoint_folder(args: TrainingArguments, state: TrainerState) -> str:
+    """The folder the Trainer writes the checkpoint of the current step to (``<output_dir>/checkpoint-<step>``)."""
+    return os.path.join(str(args.output_dir), f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+
+
+def optimizer_parameter_ids(optimizer: Any) -> set[int]:
+    """The ids of every parameter held by `optimizer`'s param groups (works through accelerate's wrapper)."""
+    return {id(p) for group in optimizer.param_groups for p in group["params"]}
+
+
+def unwrap_scheduler(scheduler: Any) -> Any:
+    """The torch LR scheduler inside accelerate's `AcceleratedScheduler` (or the scheduler itself)."""
+    inner = getattr(scheduler, "scheduler", None)
+    return inner if inner is not None and hasattr(inner, "base_lrs") else scheduler
