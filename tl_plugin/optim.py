@@ -433,8 +433,9 @@ class TransferTrainer(Trainer):
     their layer groups (discovered once, at construction, on the unwrapped model). Your own ``optimizers=`` or
     ``optimizer_cls_and_kwargs=`` take precedence (the layer-wise optimizer is then not built).
 
+    Every `Trainer` argument is accepted, plus:
+
     Args:
-        *args, **kwargs: the `Trainer` arguments.
         lr_decay (`float`, *optional*): layer-wise LR decay in (0, 1]. Defaults to the ``lr_decay`` of a
             `LayerwiseLRDecayCallback` (or of a `TransferCallback`'s config) among the callbacks; `None`: no decay.
         layer_groups (`LayerGroups`, *optional*): the model's groups; discovered when absent (with the ``blocks`` /
