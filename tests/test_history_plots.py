@@ -68,3 +68,22 @@ def test_empty_history_cannot_be_plotted(tmp_path):
 
     with pytest.raises(ValueError, match="no recorded step"):
         plot_trainable_map(TrainingHistory(), tmp_path / "x.png")
+
+
+def test_schedule_plot_recipe_draws_the_unfreezing_staircase(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "plot_schedule.py"
+    spec = importlib.util.spec_from_file_location("plot_schedule", recipe)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    written = module.main(["--tiny", "--every-n-steps", "2", "--output-dir", str(tmp_path)])
+    history = TrainingHistory.load(written["history"])
+    trained_groups = [sum(1 for v in row.values() if v == 1.0) for row in history.trainable_fraction]
+    assert trained_groups[0] == 1  # the head alone
+    assert trained_groups == sorted(trained_groups)  # unfrozen top-down, never refrozen
+    assert trained_groups[-1] == len(history.groups)
+    assert written["trainable_map"].stat().st_size > 5_000

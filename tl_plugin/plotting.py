@@ -73,23 +73,26 @@ def plot_lr_per_group(
 ) -> Path:
     """Draw the learning rate of every optimizer param group over training steps (log scale)."""
     history = _as_history(history)
-    labels = sorted({label for row in history.lrs for label in row})
+    seen = {label for row in history.lrs for label in row}
+    labels = [g for g in reversed(history.groups) if g in seen] + sorted(seen - set(history.groups))
     if not labels:
         raise ValueError("The history has no learning rates: was the optimizer available to the callback?")
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5))
     cmap = plt.get_cmap("viridis")
     for i, label in enumerate(labels):
-        points = [(s, row[label]) for s, row in zip(history.steps, history.lrs, strict=True) if label in row]
+        points = [
+            (s, row[label])
+            for s, row in zip(history.steps, history.lrs, strict=True)
+            if row.get(label, 0.0) > 0
+        ]
         ax.plot(
             [p[0] for p in points],
             [p[1] for p in points],
             label=label,
             color=cmap(i / max(len(labels) - 1, 1)),
         )
-    positive = any(row.get(label, 0.0) > 0 for row in history.lrs for label in labels)
-    if positive:
-        ax.set_yscale("log")
+    ax.set_yscale("log")  # zero lrs (e.g. the first warmup step) are left out
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("learning rate")
     ax.set_title(title or "Learning rate per param group")

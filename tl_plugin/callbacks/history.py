@@ -54,11 +54,9 @@ class TrainingHistory:
 
 
 def _param_group_label(group: dict[str, Any], index: int) -> str:
+    # The decay and no-decay param groups of one layer group share their lr: one label per layer group.
     name = group.get("group_name")
-    if name is None:
-        return f"param_group_{index}"
-    suffix = "" if group.get("weight_decay", 0.0) else " (no decay)"
-    return f"{name}{suffix}"
+    return str(name) if name is not None else f"param_group_{index}"
 
 
 class TrainingHistoryCallback(TLCallback):
