@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import RandomTokens
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC_FILES = sorted((ROOT / "docs").glob("*.md")) + [ROOT / "README.md"]
@@ -21,21 +22,6 @@ BLOCK = re.compile(r"^```python[^\n]*\n(.*?)^```", re.S | re.M)
 
 def python_blocks(path: Path) -> list[str]:
     return [b for b in BLOCK.findall(path.read_text()) if not b.lstrip().startswith("# doc-test: skip")]
-
-
-class RandomTokens(torch.utils.data.Dataset):
-    """Random token ids with labels: a stand-in for the user's tokenized dataset."""
-
-    def __init__(self, n: int = 32, length: int = 8, seed: int = 0) -> None:
-        generator = torch.Generator().manual_seed(seed)
-        self.ids = torch.randint(5, 99, (n, length), generator=generator)
-        self.labels = torch.randint(0, 2, (n,), generator=generator)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.ids[i], "labels": self.labels[i]}
 
 
 def prelude(tmp_path: Path) -> dict[str, object]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import torch
+from tiny_models import RandomTokens
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -13,19 +14,6 @@ from transformers import BertConfig, BertForSequenceClassification, Trainer, Tra
 from tl_plugin import freeze  # noqa: E402
 from tl_plugin.callbacks.history import HISTORY_FILE, TrainingHistory, TrainingHistoryCallback  # noqa: E402
 from tl_plugin.plotting import plot_lr_per_group, plot_trainable_map  # noqa: E402
-
-
-class RandomTokens(torch.utils.data.Dataset):
-    def __init__(self, n: int = 32, length: int = 8) -> None:
-        generator = torch.Generator().manual_seed(0)
-        self.ids = torch.randint(5, 99, (n, length), generator=generator)
-        self.labels = torch.randint(0, 2, (n,), generator=generator)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.ids[i], "labels": self.labels[i]}
 
 
 def _train_with_history(tmp_path) -> TrainingHistoryCallback:

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+from tiny_models import RandomTokens
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -37,19 +38,6 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-class RandomTokens(torch.utils.data.Dataset):
-    def __init__(self, n: int = 32, length: int = 8, seed: int = 0) -> None:
-        generator = torch.Generator().manual_seed(seed)
-        self.ids = torch.randint(5, 99, (n, length), generator=generator)
-        self.labels = torch.randint(0, 2, (n,), generator=generator)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.ids[i], "labels": self.labels[i]}
 
 
 def tiny_bert(seed: int = 0) -> BertForSequenceClassification:
