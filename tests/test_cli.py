@@ -55,7 +55,8 @@ def test_bad_strategy_names_the_choices():
 
 def test_quick_mode_shrinks_the_run():
     data_args, _, training_args = parse_train_args(["--quick"])
-    assert (data_args.train_size, data_args.test_size, training_args.num_train_epochs) == (400, 200, 1.0)
+    assert (data_args.train_size, data_args.test_size, training_args.num_train_epochs) == (400, 200, 2.0)
+    assert training_args.per_device_train_batch_size == 8
 
 
 def test_help_explains_every_transfer_option(capsys):

@@ -107,7 +107,7 @@ class DataArguments:
     max_length: int = field(default=64, metadata={"help": "Maximum tokens per review."})
     quick: bool = field(
         default=False,
-        metadata={"help": "Smoke run: 400 train / 200 test examples, 1 epoch (about a minute)."},
+        metadata={"help": "Smoke run: 400 train / 200 test examples, 2 epochs of batch 8 (about 2 minutes)."},
     )
     from_scratch: bool = field(
         default=False, metadata={"help": "Baseline: same architecture, randomly initialised (no transfer)."}
@@ -157,7 +157,8 @@ def parse_train_args(argv: list[str]) -> tuple[DataArguments, TransferArguments,
     if data_args.quick:
         data_args.train_size = min(data_args.train_size, 400)
         data_args.test_size = min(data_args.test_size, 200)
-        training_args.num_train_epochs = 1.0
+        training_args.num_train_epochs = 2.0
+        training_args.per_device_train_batch_size = 8
     return data_args, transfer_args, training_args
 
 
