@@ -88,21 +88,7 @@ def run_hp_search(
     started = time.perf_counter()
     output_dir = Path(args.output_dir).expanduser().resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
-    model_path = args.model_path
-    if args.tiny:
-        model_path = str(output_dir / "tiny-bert")
-        if not Path(model_path, "config.json").is_file():
-            tlt.save_tiny_bert(model_path)
-    settings = tlt.SearchSettings(
-        num_blocks=tlt.count_blocks(model_path),
-        model_path=str(Path(model_path).resolve()) if model_path else None,
-        train_size=args.train_size,
-        max_length=args.max_length,
-        max_epochs=args.max_epochs,
-        seed=args.seed,
-        metric=args.metric,
-        mode=args.mode,
-    )
+    settings = tlt.search_settings_from_args(args, output_dir)
     resolved_model = tlt._resolve_model_path(settings.model_path)
     tokenizer = AutoTokenizer.from_pretrained(resolved_model)
     data = tokenize_dataset(

@@ -141,21 +141,7 @@ def run_search(args: argparse.Namespace, extra_callbacks: Sequence[Any] = ()) ->
                 f"An experiment already exists at {experiment_path}: pass --resume to finish it, or another "
                 "--name / --output-dir for a new search."
             )
-        model_path = args.model_path
-        if args.tiny:
-            model_path = str(output_dir / "tiny-bert")
-            if not Path(model_path, "config.json").is_file():
-                tlt.save_tiny_bert(model_path)
-        settings = tlt.SearchSettings(
-            num_blocks=tlt.count_blocks(model_path),
-            model_path=str(Path(model_path).resolve()) if model_path else None,
-            train_size=args.train_size,
-            max_length=args.max_length,
-            max_epochs=args.max_epochs,
-            seed=args.seed,
-            metric=args.metric,
-            mode=args.mode,
-        )
+        settings = tlt.search_settings_from_args(args, output_dir)
         search = {
             "num_samples": args.num_samples,
             "lr_range": [args.lr_min, args.lr_max],

@@ -344,6 +344,25 @@ class SearchSettings:
         return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
 
 
+def search_settings_from_args(args: Any, output_dir: Path) -> SearchSettings:
+    """The `SearchSettings` of a recipe's parsed command line (``--tiny`` saves a tiny BERT in `output_dir`)."""
+    model_path = args.model_path
+    if args.tiny:
+        model_path = str(output_dir / "tiny-bert")
+        if not Path(model_path, "config.json").is_file():
+            save_tiny_bert(model_path)
+    return SearchSettings(
+        num_blocks=count_blocks(model_path),
+        model_path=str(Path(model_path).resolve()) if model_path else None,
+        train_size=args.train_size,
+        max_length=args.max_length,
+        max_epochs=args.max_epochs,
+        seed=args.seed,
+        metric=args.metric,
+        mode=args.mode,
+    )
+
+
 def _resolve_model_path(model_path: str | None) -> str:
     if model_path:
         return model_path
