@@ -7,6 +7,7 @@ change; it must respect its size bound; concurrent processes sharing a cache dir
 
 from __future__ import annotations
 
+import contextlib
 import doctest
 import json
 import logging
@@ -46,6 +47,7 @@ from tl_plugin.cache import (  # noqa: E402
     CacheTooLargeError,
     prepare_cached_training,
 )
+from tl_plugin.last_block import FirstTokenLastBlock  # noqa: E402
 from tl_plugin.perf import (  # noqa: E402
     EncoderFlops,
     FrozenPrefixNoGrad,
@@ -146,6 +148,14 @@ class UnfreezeAtEpoch(TrainerCallback):
             unfreeze(model, self.selector)
 
 
+def like_the_cache(model: nn.Module, last_block: str) -> contextlib.AbstractContextManager[Any]:
+    """For an uncached run: compute the last block as a cache with `last_block` does."""
+    return FirstTokenLastBlock(model) if last_block == "first_token" else contextlib.nullcontext()
+
+
+LAST_BLOCKS = pytest.mark.parametrize("last_block", ["full", "first_token"])
+
+
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -169,8 +179,11 @@ def test_docstring_examples_run(module: Any) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ correctness
+@LAST_BLOCKS
 @pytest.mark.parametrize("frozen_blocks", [2, 4], ids=["bottom-half", "linear-probe"])
-def test_cached_training_equals_plain_training_with_dropout_off(tmp_path: Path, frozen_blocks: int) -> None:
+def test_cached_training_equals_plain_training_with_dropout_off(
+    tmp_path: Path, frozen_blocks: int, last_block: str
+) -> None:
     data, evaluation = make_dataset(48, seed=0), make_dataset(16, seed=1)
 
     def run(cached: bool) -> tuple[list[float], dict, dict, Any]:
@@ -184,10 +197,17 @@ def test_cached_training_equals_plain_training_with_dropout_off(tmp_path: Path, 
         cache = None
         if cached:
             prepared = prepare_cached_training(
-                model, data, evaluation, data_collator=pad_collate, cache_dir=tmp_path / "cache"
+                model,
+                data,
+                evaluation,
+                data_collator=pad_collate,
+                cache_dir=tmp_path / "cache",
+                last_block=last_block,
             )
             trainer = Trainer(args=training_args(tmp_path), **prepared.trainer_kwargs())
             cache = prepared.cache
+            trainer.train()
+            metrics = trainer.evaluate()
         else:  # a plain Trainer: nothing from tl_plugin.perf / tl_plugin.cache
             trainer = Trainer(
                 model=model,
@@ -196,8 +216,10 @@ def test_cached_training_equals_plain_training_with_dropout_off(tmp_path: Path, 
                 eval_dataset=evaluation,
                 data_collator=pad_collate,
             )
-        trainer.train()
-        metrics = trainer.evaluate()
+            pruned = last_block == "first_token" and frozen_blocks < 4  # a frozen last block runs in full
+            with like_the_cache(model, "first_token" if pruned else "full"):
+                trainer.train()
+                metrics = trainer.evaluate()
         for name, value in frozen_before.items():
             assert torch.equal(dict(model.named_parameters())[name], value), f"frozen {name} changed"
         return recorder.losses, trainable_state(model), metrics, cache
@@ -211,7 +233,8 @@ def test_cached_training_equals_plain_training_with_dropout_off(tmp_path: Path, 
     assert cache.stats["uncached_batches"] == 0
 
 
-def test_cache_equals_uncached_prefix_in_eval_mode_with_dropout_on_above(tmp_path: Path) -> None:
+@LAST_BLOCKS
+def test_cache_equals_uncached_prefix_in_eval_mode_with_dropout_on_above(tmp_path: Path, last_block: str) -> None:
     """With dropout on, prefix_dropout='off' means: prefix in eval mode, cached or not; the rest as usual."""
     data = make_dataset(32)
 
@@ -220,10 +243,12 @@ def test_cache_equals_uncached_prefix_in_eval_mode_with_dropout_on_above(tmp_pat
         freeze_bottom_blocks(model, 2)
         recorder = LossRecorder(model)
         if cached:
-            prepared = prepare_cached_training(model, data, data_collator=pad_collate, storage="memory")
+            prepared = prepare_cached_training(
+                model, data, data_collator=pad_collate, storage="memory", last_block=last_block
+            )
             Trainer(args=training_args(tmp_path), **prepared.trainer_kwargs()).train()
         else:
-            with FrozenPrefixNoGrad(model, prefix_dropout="off"):
+            with like_the_cache(model, last_block), FrozenPrefixNoGrad(model, prefix_dropout="off"):
                 Trainer(
                     model=model, args=training_args(tmp_path), train_dataset=data, data_collator=pad_collate
                 ).train()
@@ -237,7 +262,8 @@ def test_cache_equals_uncached_prefix_in_eval_mode_with_dropout_on_above(tmp_pat
 
 
 # ------------------------------------------------------------------------------------------- invalidation
-def test_moving_the_boundary_rebuilds_the_cache_and_training_still_matches(tmp_path: Path) -> None:
+@LAST_BLOCKS
+def test_moving_the_boundary_rebuilds_the_cache_and_training_still_matches(tmp_path: Path, last_block: str) -> None:
     data = make_dataset(32)
 
     def run(cached: bool) -> tuple[list[float], dict, Any]:
@@ -250,21 +276,22 @@ def test_moving_the_boundary_rebuilds_the_cache_and_training_still_matches(tmp_p
         cache = None
         if cached:
             prepared = prepare_cached_training(
-                model, data, data_collator=pad_collate, cache_dir=tmp_path / "cache"
+                model, data, data_collator=pad_collate, cache_dir=tmp_path / "cache", last_block=last_block
             )
             cache = prepared.cache
             kwargs = prepared.trainer_kwargs()
             kwargs["callbacks"] = [schedule, *kwargs["callbacks"]]  # the cache callback after the schedule
             Trainer(args=training_args(tmp_path), optimizers=(optimizer, None), **kwargs).train()
         else:
-            Trainer(
-                model=model,
-                args=training_args(tmp_path),
-                train_dataset=data,
-                data_collator=pad_collate,
-                callbacks=[schedule],
-                optimizers=(optimizer, None),
-            ).train()
+            with like_the_cache(model, last_block):
+                Trainer(
+                    model=model,
+                    args=training_args(tmp_path),
+                    train_dataset=data,
+                    data_collator=pad_collate,
+                    callbacks=[schedule],
+                    optimizers=(optimizer, None),
+                ).train()
         return recorder.losses, trainable_state(model), cache
 
     losses_c, weights_c, cache = run(cached=True)

@@ -48,6 +48,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from .callbacks.base import TLCallback
 from .discovery import LayerGroups, discover_layer_groups
+from .last_block import LastBlock, resolve_last_block
 from .perf import (
     Capture,
     PrefixController,
@@ -273,6 +274,11 @@ class ActivationCache:
         batch_size (`int`, *optional*, defaults to 64): batch size of the pass that computes the activations.
         lock_timeout (`float`, *optional*, defaults to 3600): seconds to wait for another process building the
             same file.
+        last_block (`str`, *optional*, defaults to ``"auto"``): how the last block runs while it trains:
+            ``"auto"`` computes it at the first position only (`tl_plugin.last_block.FirstTokenLastBlock`) for
+            the first-token classifiers that support it (BERT, RoBERTa, ELECTRA, DistilBERT sequence
+            classifiers) and in full otherwise; ``"first_token"`` requires it (an error when not supported);
+            ``"full"`` never prunes. The logits, losses and gradients are the same either way.
 
     Raises:
         `ValueError`: for an invalid argument (the message names it and its valid values).
@@ -322,6 +328,7 @@ class ActivationCache:
         dtype: Literal["float32", "float16"] = "float32",
         batch_size: int = 64,
         lock_timeout: float = 3600.0,
+        last_block: LastBlock = "auto",
     ) -> None:
         check_prefix_dropout(prefix_dropout, ("off", "forbid"))
         for name, value, choices in (
@@ -359,7 +366,14 @@ class ActivationCache:
         self.lock_timeout = float(lock_timeout)
         self._collator = data_collator
         self.data_collator = CacheIdCollator(data_collator)
-        self._controller = PrefixController(model, self.groups, "off", extra_kwarg=CACHE_ID_COLUMN)
+        # Installed before the prefix controller, removed after it (both patch instance-level forwards).
+        self.last_block = resolve_last_block(model, last_block, self.groups)
+        try:
+            self._controller = PrefixController(model, self.groups, "off", extra_kwarg=CACHE_ID_COLUMN)
+        except BaseException:
+            if self.last_block is not None:
+                self.last_block.remove()
+            raise
         self._controller.provider = self._lookup
         self._slots: list[_Slot] = []
         self._units = 0  # prefix units the stored activations cover (0: no cache)
@@ -452,6 +466,8 @@ class ActivationCache:
     def detach(self) -> None:
         """Restore the model's forwards and release the stored activations."""
         self._controller.remove()
+        if self.last_block is not None:
+            self.last_block.remove()
         for slot in self._slots:
             slot.array = None
 

@@ -330,7 +330,8 @@ class PrefixController:
         self._passthrough = False
         self._forms: dict[int, Callable[[torch.Tensor], Any] | None] = {}
         self._verified: set[int] = set()
-        self._patched: list[tuple[nn.Module, Callable[..., Any]]] = []
+        # (module, our forward, the instance-level forward it replaced: None for the class's own)
+        self._patched: list[tuple[nn.Module, Callable[..., Any], Callable[..., Any] | None]] = []
         self._interstitial: dict[int, nn.Module] = {}
         self._original_forward: Callable[..., Any] = model.forward
         self._signature = inspect.signature(self._original_forward)
@@ -343,6 +344,7 @@ class PrefixController:
     # ------------------------------------------------------------------ installation
     def _patch(self, module: nn.Module, index: int, substitutable: bool) -> None:
         original = module.forward
+        previous = module.__dict__.get("forward")
         subs = list(module.modules())
         controller = self
         key = id(module)
@@ -372,7 +374,7 @@ class PrefixController:
             return out
 
         module.forward = forward
-        self._patched.append((module, forward))
+        self._patched.append((module, forward, previous))
 
     def _patch_model_forward(self) -> None:
         original = self._original_forward
@@ -394,8 +396,9 @@ class PrefixController:
             params.insert(position, extra_param)
         forward.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
         bound = types.MethodType(forward, self.model)
+        previous = self.model.__dict__.get("forward")
         self.model.forward = bound
-        self._patched.append((self.model, bound))
+        self._patched.append((self.model, bound, previous))
 
     def set_interstitial(self, modules: list[tuple[int, str]]) -> None:
         """Also run these modules (found between prefix modules) in eval mode and without gradients."""
@@ -408,9 +411,12 @@ class PrefixController:
 
     def remove(self) -> None:
         """Restore every patched ``forward``."""
-        for module, patched in reversed(self._patched):
+        for module, patched, previous in reversed(self._patched):
             if module.__dict__.get("forward") is patched:
-                del module.forward
+                if previous is None:
+                    del module.forward
+                else:  # another tool's instance-level forward (e.g. FirstTokenLastBlock) comes back
+                    module.forward = previous
             else:
                 logger.warning(
                     "The forward of %s was replaced again after tl_plugin patched it; leaving it as is.",
@@ -729,7 +735,9 @@ class EncoderFlops:
     over ``S`` positions). A backward pass costs twice its forward (gradients for the inputs and for the
     weights); a frozen layer only runs forward, a cached one not at all. The pooler (``2 H^2``) and the
     classifier (``2 H C``) run once per example. Embedding look-ups, layer norms, softmax and the optimizer
-    update are not counted.
+    update are not counted. A last block computed at the first position only
+    (`tl_plugin.last_block.FirstTokenLastBlock`) costs ``4 S H^2`` (keys and values of every position) plus
+    ``4 H^2 + 4 H I + 4 S H`` (the rest, for one position) per example.
 
     Args:
         hidden_size (`int`): ``H``.
@@ -745,6 +753,8 @@ class EncoderFlops:
     >>> flops = EncoderFlops(hidden_size=384, intermediate_size=1536, num_layers=6, seq_len=64)
     >>> round(flops.training_flops(3) / flops.training_flops(3, cached=True), 3)  # half frozen: cache's limit
     1.333
+    >>> round(flops.training_flops(3) / flops.training_flops(3, cached=True, first_token_last_block=True), 2)
+    1.84
 
     ```
     """
@@ -783,12 +793,22 @@ class EncoderFlops:
         return s * (8 * h * h + 4 * h * i + 4 * s * h)
 
     @property
+    def first_token_layer_forward(self) -> float:
+        """Forward FLOPs of a layer computed at the first position only, for one example."""
+        h, i, s = self.hidden_size, self.intermediate_size, self.seq_len
+        return s * 4 * h * h + (4 * h * h + 4 * h * i + 4 * s * h)
+
+    @property
     def head_forward(self) -> float:
         """Forward FLOPs of the pooler and the classifier for one example."""
         return 2 * self.hidden_size * self.hidden_size + 2 * self.hidden_size * self.num_labels
 
     def training_flops(
-        self, frozen_blocks: int | None, cached: bool = False, train_pooler: bool = True
+        self,
+        frozen_blocks: int | None,
+        cached: bool = False,
+        train_pooler: bool = True,
+        first_token_last_block: bool = False,
     ) -> float:
         """FLOPs of one training step on one example.
 
@@ -797,18 +817,24 @@ class EncoderFlops:
                 `None` or 0: everything trains).
             cached (`bool`): the frozen blocks' outputs come from the activation cache.
             train_pooler (`bool`): the pooler trains (`False` for a linear probe).
+            first_token_last_block (`bool`): a trained last block runs at the first position only.
         """
         frozen = frozen_blocks or 0
         if not 0 <= frozen <= self.num_layers:
             raise ValueError(f"`frozen_blocks` must be in [0, {self.num_layers}], got {frozen_blocks!r}.")
-        layers = (0 if cached else frozen) * self.layer_forward + 3 * (
-            self.num_layers - frozen
-        ) * self.layer_forward
+        trained = [self.layer_forward] * (self.num_layers - frozen)
+        if trained and first_token_last_block:
+            trained[-1] = self.first_token_layer_forward
+        layers = (0 if cached else frozen) * self.layer_forward + 3 * sum(trained)
         pooler = 2 * self.hidden_size * self.hidden_size * (3 if train_pooler else 1)
         classifier = 3 * 2 * self.hidden_size * self.num_labels
         return layers + pooler + classifier
 
-    def ideal_speedup(self, frozen_blocks: int | None, cached: bool = False) -> float:
+    def ideal_speedup(
+        self, frozen_blocks: int | None, cached: bool = False, first_token_last_block: bool = False
+    ) -> float:
         """Full fine-tuning FLOPs / FLOPs of the given setup (a linear probe freezes the pooler too)."""
         probe = (frozen_blocks or 0) == self.num_layers
-        return self.training_flops(0) / self.training_flops(frozen_blocks, cached, train_pooler=not probe)
+        return self.training_flops(0) / self.training_flops(
+            frozen_blocks, cached, train_pooler=not probe, first_token_last_block=first_token_last_block
+        )
