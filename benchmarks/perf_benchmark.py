@@ -8,9 +8,11 @@ One command, under 15 minutes on 2 CPU cores::
 It measures, side by side and interleaved (round-robin rounds, so that a noisy shared CPU slows every setup
 alike): training throughput (samples/s) of full fine-tuning, the bottom half frozen and a linear probe (head
 only), each plain, with the frozen prefix under `torch.no_grad()` (`tl_plugin.perf.FrozenPrefixNoGrad`) and
-with the activation cache (`tl_plugin.cache.ActivationCache`); the peak memory of each (one subprocess per
-setup); the optimizer state of each; the epoch times of a real `transformers.Trainer` for the linear probe and
-the bottom half, cached and uncached; and the per-step overhead of tl_plugin callbacks. It prints a table and
+with the activation cache (`tl_plugin.cache.ActivationCache`); for the bottom half also the last block at the
+first position only (`tl_plugin.last_block.FirstTokenLastBlock`, which the cache does by default), with and
+without the cache, so that each mechanism's share shows; the peak memory of each (one subprocess per setup);
+the optimizer state of each; the epoch times of a real `transformers.Trainer` for the linear probe and the
+bottom half, cached and uncached; and the per-step overhead of tl_plugin callbacks. It prints a table and
 the ratios against the targets, the ideal ratios from FLOP counts (`tl_plugin.perf.EncoderFlops`), and writes
 ``benchmarks/results/perf.json`` and ``docs/images/perf.png``.
 """
@@ -43,12 +45,17 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_JSON = ROOT / "benchmarks" / "results" / "perf.json"
 DEFAULT_PNG = ROOT / "docs" / "images" / "perf.png"
 
-#: (name, what is frozen, how the frozen part runs)
+#: (name, what is frozen, how the frozen part runs). "cache" is `ActivationCache` as it comes (its default
+#: ``last_block="auto"`` computes MiniLM's last block at the first position only); "cache_full_block" is the
+#: cache alone (``last_block="full"``); "first_token" is `FirstTokenLastBlock` without the cache.
 SETUPS: tuple[tuple[str, str, str], ...] = (
     ("full", "none", "plain"),
     ("half", "half", "plain"),
     ("half+no_grad", "half", "no_grad"),
     ("half+no_grad+dropout", "half", "no_grad_dropout"),
+    ("half+first_token", "half", "first_token"),
+    ("half+no_grad+first_token", "half", "no_grad_first_token"),
+    ("half+cache(full block)", "half", "cache_full_block"),
     ("half+cache", "half", "cache"),
     ("probe", "probe", "plain"),
     ("probe+no_grad", "probe", "no_grad"),
@@ -130,6 +137,7 @@ def build_setup(
     from transformers import Trainer, TrainingArguments
 
     from tl_plugin.cache import ActivationCache
+    from tl_plugin.last_block import FirstTokenLastBlock
     from tl_plugin.perf import FrozenPrefixNoGrad
 
     model = load_model(path, frozen)
@@ -139,8 +147,13 @@ def build_setup(
         extra = FrozenPrefixNoGrad(model)  # prefix_dropout="off": the frozen prefix also runs in eval mode
     elif mode == "no_grad_dropout":
         extra = FrozenPrefixNoGrad(model, prefix_dropout="on")  # no autograd, but dropout stays on
-    elif mode == "cache":
-        extra = ActivationCache(model, data_collator=collator, cache_dir=cache_dir)
+    elif mode == "first_token":
+        extra = FirstTokenLastBlock(model)
+    elif mode == "no_grad_first_token":
+        extra = (FirstTokenLastBlock(model), FrozenPrefixNoGrad(model))
+    elif mode in ("cache", "cache_full_block"):
+        last_block = "full" if mode == "cache_full_block" else "auto"
+        extra = ActivationCache(model, data_collator=collator, cache_dir=cache_dir, last_block=last_block)
         dataset = extra.prepare(train, name="train")
         batch_collator = extra.data_collator
     with tempfile.TemporaryDirectory() as tmp:
@@ -238,15 +251,36 @@ class EpochTimer:
         self.callback = _Callback(self)
 
 
+#: The Trainer-epoch runs: key suffix per mode (see SETUPS); "plain" is a plain Trainer.
+EPOCH_MODES = {
+    "plain": "",
+    "cache": "+cache",
+    "first_token": "+first_token",
+    "cache_full_block": "+cache(full block)",
+}
+
+
+def release(extra: Any) -> None:
+    """Undo what `build_setup` installed on a model (several patches: in reverse order)."""
+    for part in reversed(extra) if isinstance(extra, tuple) else [extra]:
+        for method in ("detach", "remove"):
+            if hasattr(part, method):
+                getattr(part, method)()
+                break
+
+
 def trainer_epochs(
-    path: str, frozen: str, cached: bool, epochs: int, train: Any, collator: Any, cache_dir: Path, bs: int
+    path: str, frozen: str, mode: str, epochs: int, train: Any, collator: Any, cache_dir: Path, bs: int
 ) -> dict[str, Any]:
     """Train with a real `transformers.Trainer` and time each epoch (and the cache build)."""
     from transformers import Trainer, TrainingArguments
 
     from tl_plugin.cache import prepare_cached_training
+    from tl_plugin.last_block import FirstTokenLastBlock
 
+    cached = mode.startswith("cache")
     model = load_model(path, frozen)
+    patch = FirstTokenLastBlock(model) if mode == "first_token" else None
     timer = EpochTimer()
     build_seconds = 0.0
     with tempfile.TemporaryDirectory() as tmp:
@@ -264,7 +298,13 @@ def trainer_epochs(
         )
         if cached:
             started = time.perf_counter()
-            prepared = prepare_cached_training(model, train, data_collator=collator, cache_dir=cache_dir)
+            prepared = prepare_cached_training(
+                model,
+                train,
+                data_collator=collator,
+                cache_dir=cache_dir,
+                last_block="full" if mode == "cache_full_block" else "auto",
+            )
             build_seconds = time.perf_counter() - started
             kwargs = prepared.trainer_kwargs()
             kwargs["callbacks"].append(timer.callback)
@@ -281,6 +321,8 @@ def trainer_epochs(
         result = trainer.train()
         if cached:
             prepared.cache.detach()
+        if patch is not None:
+            patch.remove()
     return {
         "epochs": timer.epochs,
         "cache_build_seconds": build_seconds,
@@ -373,7 +415,7 @@ def peak_memory(args: argparse.Namespace, data_dir: Path, cache_dir: Path) -> di
             continue
         results[name] = json.loads(done.stdout.strip().splitlines()[-1])
         print(
-            f"  {name:<14} peak RSS {results[name]['peak_rss_mb']:7.0f} MB, "
+            f"  {name:<26} peak RSS {results[name]['peak_rss_mb']:7.0f} MB, "
             f"+{results[name]['training_mb']:6.0f} MB while training",
             flush=True,
         )
@@ -466,7 +508,15 @@ def plot(report: dict[str, Any], path: Path) -> None:
 
     names = [s for s, _, _ in SETUPS if s in report["throughput"]]
     rates = [report["throughput"][s]["samples_per_second"] for s in names]
-    colors = ["#7f7f7f" if "+" not in s else ("#1f77b4" if "no_grad" in s else "#2ca02c") for s in names]
+
+    def color(name: str) -> str:
+        if "+" not in name:
+            return "#7f7f7f"  # plain
+        if "cache" in name:
+            return "#2ca02c"
+        return "#ff7f0e" if "first_token" in name else "#1f77b4"  # first position only / no_grad
+
+    colors = [color(s) for s in names]
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8), gridspec_kw={"width_ratios": [2.2, 1.2, 1.4]})
     ax = axes[0]
     bars = ax.bar(names, rates, color=colors)
@@ -481,8 +531,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ratios = report["ratios"]
     labels, measured, ideal = [], [], []
     for key, label in (
-        ("half_cached_epoch_vs_uncached_epoch", "half: cached\nvs plain (epoch)"),
-        ("half_cached_vs_half_no_grad", "half: cached\nvs no_grad"),
+        ("half_first_token_epoch_vs_uncached_epoch", "half: first\ntoken only"),
+        ("half_cached_full_block_epoch_vs_uncached_epoch", "half: cache\nonly"),
+        ("half_cached_epoch_vs_uncached_epoch", "half: cache\n(default)"),
         ("probe_cached_epoch_vs_uncached_epoch", "probe: cached\nvs plain (epoch)"),
     ):
         if key in ratios:
@@ -498,7 +549,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ax.set_yscale("log")
     ax.set_xticks(list(x), labels, fontsize=8)
     ax.set_ylabel("speed-up per epoch (log)")
-    ax.set_title("Cache speed-up vs FLOP limit")
+    ax.set_title("Speed-up per epoch vs FLOP limit")
     ax.legend(fontsize=8)
 
     ax = axes[2]
@@ -577,11 +628,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     #    machine hits one run, not the ratio.
     print("Trainer epochs (real transformers.Trainer):", flush=True)
     epochs: dict[str, Any] = {}
-    sequence = [False, True] * (1 if args.quick else 3)
+    repeats = 1 if args.quick else 3
     for frozen in ("probe",) if args.skip_half_epochs else ("probe", "half"):
-        for cached in sequence:
-            key = f"{frozen}{'+cache' if cached else ''}"
-            run = trainer_epochs(path, frozen, cached, 1, train, collator, cache_dir, args.batch_size)
+        modes = ["plain", "cache"] if frozen == "probe" else list(EPOCH_MODES)
+        for mode in modes * repeats:
+            cached = mode.startswith("cache")
+            key = f"{frozen}{EPOCH_MODES[mode]}"
+            run = trainer_epochs(path, frozen, mode, 1, train, collator, cache_dir, args.batch_size)
             if key in epochs:
                 epochs[key]["epochs"] += run["epochs"]
                 epochs[key]["prepare_seconds"].append(run["cache_build_seconds"])
@@ -589,7 +642,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 epochs[key] = {**run, "prepare_seconds": [run["cache_build_seconds"]]}
             times = ", ".join(f"{t:.1f}" for t in run["epochs"])
             build = f" (prepare: build or load {run['cache_build_seconds']:.1f} s)" if cached else ""
-            print(f"  {key:<12} epoch seconds: {times}{build}", flush=True)
+            print(f"  {key:<24} epoch seconds: {times}{build}", flush=True)
     report["trainer_epochs"] = epochs
     steps_per_epoch = -(-n // args.batch_size)
 
@@ -649,8 +702,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "error": "timed out after 240 s"
             }
     for setup in setups:
-        if hasattr(setup.extra, "detach"):
-            setup.extra.detach()
+        release(setup.extra)
     del setups
     gc.collect()
 
@@ -665,6 +717,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     sps = {name: value["samples_per_second"] for name, value in throughput.items()}
     probe_uncached_epoch = statistics.median(epochs["probe"]["epochs"])
     probe_cached_epoch = statistics.median(epochs["probe+cache"]["epochs"])
+
+    def half_flops(cached: bool = False, first_token: bool = False) -> float:
+        return flops.training_flops(half, cached=cached, first_token_last_block=first_token)
+
+    def epoch(key: str) -> float:
+        return statistics.median(epochs[key]["epochs"])
+
     ratios: dict[str, dict[str, float]] = {
         "half_vs_full": {"measured": sps["half"] / sps["full"], "ideal_flops": flops.ideal_speedup(half)},
         "probe_vs_full": {
@@ -677,13 +736,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "ideal_flops": 1.0,
         },
         "probe_no_grad_vs_probe": {"measured": sps["probe+no_grad"] / sps["probe"], "ideal_flops": 1.0},
+        "half_first_token_vs_half": {
+            "measured": sps["half+first_token"] / sps["half"],
+            "ideal_flops": half_flops() / half_flops(first_token=True),
+        },
+        "half_cached_full_block_vs_half": {
+            "measured": sps["half+cache(full block)"] / sps["half"],
+            "ideal_flops": half_flops() / half_flops(cached=True),
+        },
+        "half_cached_full_block_vs_half_no_grad": {
+            "measured": sps["half+cache(full block)"] / sps["half+no_grad"],
+            "ideal_flops": half_flops() / half_flops(cached=True),
+        },
+        "half_cached_vs_half_no_grad_first_token": {
+            "measured": sps["half+cache"] / sps["half+no_grad+first_token"],
+            "ideal_flops": half_flops(first_token=True) / half_flops(cached=True, first_token=True),
+        },
         "half_cached_vs_half": {
             "measured": sps["half+cache"] / sps["half"],
-            "ideal_flops": flops.training_flops(half) / flops.training_flops(half, cached=True),
-        },
-        "half_cached_vs_half_no_grad": {
-            "measured": sps["half+cache"] / sps["half+no_grad"],
-            "ideal_flops": flops.training_flops(half) / flops.training_flops(half, cached=True),
+            "ideal_flops": half_flops() / half_flops(cached=True, first_token=True),
         },
         "probe_cached_vs_probe": {
             "measured": sps["probe+cache"] / sps["probe"],
@@ -697,9 +768,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         },
     }
     if "half+cache" in epochs:
+        ratios["half_first_token_epoch_vs_uncached_epoch"] = {
+            "measured": epoch("half") / epoch("half+first_token"),
+            "ideal_flops": ratios["half_first_token_vs_half"]["ideal_flops"],
+        }
+        ratios["half_cached_full_block_epoch_vs_uncached_epoch"] = {
+            "measured": epoch("half") / epoch("half+cache(full block)"),
+            "ideal_flops": ratios["half_cached_full_block_vs_half"]["ideal_flops"],
+        }
+        ratios["half_cached_epoch_vs_first_token_epoch"] = {
+            "measured": epoch("half+first_token") / epoch("half+cache"),
+            "ideal_flops": half_flops(first_token=True) / half_flops(cached=True, first_token=True),
+        }
         ratios["half_cached_epoch_vs_uncached_epoch"] = {
-            "measured": statistics.median(epochs["half"]["epochs"])
-            / statistics.median(epochs["half+cache"]["epochs"]),
+            "measured": epoch("half") / epoch("half+cache"),
             "ideal_flops": ratios["half_cached_vs_half"]["ideal_flops"],
         }
     report["ratios"] = ratios
@@ -717,6 +799,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "target": TARGETS["half_cached_epoch_speedup"],
             "measured": half_epoch,
             "ideal_flops": ratios["half_cached_vs_half"]["ideal_flops"],
+            "what": "ActivationCache as it comes (last block at the first position) vs a plain Trainer",
         },
         "head_only_optimizer_state_fraction": {
             "target": TARGETS["head_only_optimizer_state_fraction"],
@@ -737,8 +820,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "per_example_layer_forward_gflop": flops.layer_forward / 1e9,
         "training_gflop_per_example": {
             "full": flops.training_flops(0) / 1e9,
-            "half": flops.training_flops(half) / 1e9,
-            "half+cache": flops.training_flops(half, cached=True) / 1e9,
+            "half": half_flops() / 1e9,
+            "half+first_token": half_flops(first_token=True) / 1e9,
+            "half+cache(full block)": half_flops(cached=True) / 1e9,
+            "half+cache": half_flops(cached=True, first_token=True) / 1e9,
             "probe": flops.training_flops(flops.num_layers, train_pooler=False) / 1e9,
             "probe+cache": flops.training_flops(flops.num_layers, cached=True, train_pooler=False) / 1e9,
         },
@@ -760,9 +845,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def print_report(report: dict[str, Any]) -> None:
     throughput, memory = report["throughput"], report.get("memory", {})
-    print("\n" + "=" * 111)
+    print("\n" + "=" * 115)
     header = (
-        f"{'setup':<22}{'samples/s':>11}{'step ms':>10}{'trainable':>12}{'optim MB':>10}"
+        f"{'setup':<26}{'samples/s':>11}{'step ms':>10}{'trainable':>12}{'optim MB':>10}"
         f"{'saved act MB':>14}{'peak RSS MB':>13}{'+train MB':>11}"
     )
     print(header)
@@ -771,36 +856,42 @@ def print_report(report: dict[str, Any]) -> None:
         row = throughput[name]
         mem = memory.get(name, {})
         print(
-            f"{name:<22}{row['samples_per_second']:>11.1f}{row['step_seconds'] * 1e3:>10.1f}"
+            f"{name:<26}{row['samples_per_second']:>11.1f}{row['step_seconds'] * 1e3:>10.1f}"
             f"{row['trainable_params']:>12,}{row['optimizer_state_mb']:>10.2f}{row['saved_activation_mb']:>14.1f}"
             f"{mem.get('peak_rss_mb', float('nan')):>13.0f}{mem.get('training_mb', float('nan')):>11.0f}"
         )
-    print(f"{'full+cache':<22}  n/a: nothing is frozen, so there is nothing to cache")
+    print(f"{'full+cache':<26}  n/a: nothing is frozen, so there is nothing to cache")
     print("\nTrainer epochs (s):")
     for key, value in report["trainer_epochs"].items():
         build = ""
         if value["cache_build_seconds"]:
             loads = ", ".join(f"{t:.2f}" for t in value["prepare_seconds"][1:])
-            build = (
-                f"; cache build {value['cache_build_seconds']:.1f} s, later prepares (file loaded) {loads} s"
-            )
+            build = f"; cache build {value['cache_build_seconds']:.1f} s"
+            if loads:
+                build += f", later prepares (file loaded) {loads} s"
         times = ", ".join(f"{t:.1f}" for t in value["epochs"])
-        print(f"  {key:<12} {times} (median {statistics.median(value['epochs']):.1f}){build}")
+        print(f"  {key:<24} {times} (median {statistics.median(value['epochs']):.1f}){build}")
     print("\nRatios (measured | ideal from FLOP counts):")
     labels = {
         "half_vs_full": "half / full (samples/s)",
         "probe_vs_full": "probe / full (samples/s)",
         "half_no_grad_vs_half": "half no_grad (eval prefix) / half",
         "half_no_grad_dropout_vs_half": "half no_grad (dropout on) / half",
-        "half_cached_vs_half_no_grad": "half cached / half no_grad (eval prefix)",
+        "half_first_token_vs_half": "half first_token / half",
+        "half_cached_full_block_vs_half": "half cached (full block) / half",
+        "half_cached_full_block_vs_half_no_grad": "half cached (full block) / half no_grad",
+        "half_cached_vs_half_no_grad_first_token": "half cached / half no_grad+first_token",
         "probe_no_grad_vs_probe": "probe no_grad / probe",
         "half_cached_vs_half": "half cached / half uncached",
         "probe_cached_vs_probe": "probe cached / probe uncached",
         "probe_cached_epoch_vs_uncached_epoch": "probe epoch: uncached / cached (Trainer)",
-        "half_cached_epoch_vs_uncached_epoch": "half epoch: uncached / cached (Trainer)",
+        "half_first_token_epoch_vs_uncached_epoch": "half epoch: plain / first_token (Trainer)",
+        "half_cached_full_block_epoch_vs_uncached_epoch": "half epoch: plain / cached full block",
+        "half_cached_epoch_vs_first_token_epoch": "half epoch: first_token / cached (Trainer)",
+        "half_cached_epoch_vs_uncached_epoch": "half epoch: plain / cached (Trainer)",
     }
     for key, value in report["ratios"].items():
-        print(f"  {labels[key]:<42} = {value['measured']:8.2f}x | ideal {value['ideal_flops']:10.2f}x")
+        print(f"  {labels[key]:<44} = {value['measured']:8.2f}x | ideal {value['ideal_flops']:10.2f}x")
     print("\nTargets:")
     for key, value in report["targets"].items():
         verdict = "MET" if value["met"] else "NOT MET"
