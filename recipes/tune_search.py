@@ -100,6 +100,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     data.add_argument("--train-size", type=int, default=400, help="Training reviews per trial.")
     data.add_argument("--max-length", type=int, default=64)
+    data.add_argument(
+        "--activation-cache",
+        action="store_true",
+        help="Trials train on cached frozen-prefix activations (tl_plugin.cache); trials with the same freeze "
+        "boundary share one file. Frozen layers then run in eval mode.",
+    )
+    data.add_argument(
+        "--activation-cache-dir",
+        default=None,
+        help="Cache directory, on a disk every trial sees (default: <output-dir>/activation-cache).",
+    )
 
     out = parser.add_argument_group("outputs")
     out.add_argument("--output-dir", default=DEFAULT_OUTPUT_DIR)

@@ -115,3 +115,26 @@ def test_train_command_runs_end_to_end_and_writes_outputs(tiny_model_dir: Path, 
     assert metrics["trainable"]["trainable_params/blocks.3"] > 0
     assert (out / "final" / "model.safetensors").is_file()
     assert TransferConfig.load(out / "final" / "transfer_config.yaml").freeze_bottom_blocks == "half"
+
+
+def test_activation_cache_flag_trains_on_cached_activations(tiny_model_dir: Path, tmp_path: Path, capsys):
+    from tl_plugin.cli import run_train
+
+    metrics = run_train(
+        [
+            "--model_name_or_path", str(tiny_model_dir),
+            "--train_size", "64", "--test_size", "32", "--max_length", "32",
+            "--num_train_epochs", "2", "--output_dir", str(tmp_path / "run"), "--disable_tqdm", "true",
+            "--save_strategy", "no", "--activation_cache", "true",
+            "--activation_cache_dir", str(tmp_path / "cache"),
+        ]
+    )  # fmt: skip
+    stats = metrics["activation_cache"]
+    assert stats["frozen_blocks"] == 2  # the default: bottom half of 4 blocks
+    assert stats["first_token_last_block"] is True
+    assert stats["builds"] == 3  # train, validation, test
+    assert stats["uncached_batches"] == 0
+    assert stats["cached_batches"] >= 8  # 2 epochs x 4 training steps, plus the evaluation batches
+    assert "Activation cache: embeddings + 2 frozen blocks built" in capsys.readouterr().out
+    assert any((tmp_path / "cache").iterdir())
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()

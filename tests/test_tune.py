@@ -466,3 +466,25 @@ def test_real_model_search_finds_a_config_that_beats_the_default(ray_env, tmp_pa
         + "\n"
     )
     assert best_metrics["test_accuracy"] > default_metrics["test_accuracy"], (best_metrics, default_metrics)
+
+
+def test_activation_cache_setting_trains_trials_on_cached_activations(tiny_model_dir, tmp_path):
+    """With `activation_cache`, a trial trains on the shared cache, and the final command asks for it too."""
+    cache_dir = tmp_path / "activations"
+    settings = tlt.SearchSettings(
+        num_blocks=TINY_BLOCKS, model_path=tiny_model_dir, train_size=32, max_epochs=1,
+        activation_cache=True, activation_cache_dir=str(cache_dir),
+    )  # fmt: skip
+    point = {"learning_rate": 1e-3, "strategy": "layers", "freeze_bottom_blocks": 2, "lr_decay": 1.0}
+    trainer = tlt._run_training(point, settings, [])
+    cache = next(c.cache for c in trainer.callback_handler.callbacks if type(c).__name__ == "ActivationCacheCallback")
+    assert cache.frozen_blocks == 2
+    assert cache.stats["builds"] == 2  # train and validation
+    assert cache.stats["cached_batches"] >= 2
+    assert cache.stats["uncached_batches"] == 0
+    assert "forward" not in trainer.model.__dict__  # the trial gave the model its own forward back
+    again = tlt._run_training(point, settings, [])  # a second trial with the same boundary loads the files
+    cache = next(c.cache for c in again.callback_handler.callbacks if type(c).__name__ == "ActivationCacheCallback")
+    assert (cache.stats["builds"], cache.stats["loads"]) == (0, 2)
+    command = tlt.final_command("best.yaml", 1e-3, settings)
+    assert command[-4:] == ["--activation_cache", "true", "--activation_cache_dir", str(cache_dir)]

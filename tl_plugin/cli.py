@@ -115,6 +115,18 @@ class DataArguments:
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Allow custom model code from the model folder (off by default)."}
     )
+    activation_cache: bool = field(
+        default=False,
+        metadata={
+            "help": "Compute the frozen bottom (embeddings + frozen blocks) once and train on its stored outputs, "
+            "with the last block at the first position only (tl_plugin.cache; the frozen layers then run in "
+            "eval mode: no dropout). About 2x faster per epoch with the bottom half frozen."
+        },
+    )
+    activation_cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "Where the activation cache goes (default: ~/.cache/tl_plugin/activations)."},
+    )
 
 
 TRAINING_DEFAULTS: dict[str, Any] = {
@@ -173,12 +185,11 @@ def _model_path(data_args: DataArguments) -> str:
 def run_train(argv: list[str]) -> dict[str, Any]:
     """Run the main job; returns the metrics written to ``metrics.json``."""
     import transformers
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, Trainer, set_seed
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, set_seed
 
     from .data import load_fine_food_reviews, majority_class_accuracy, tokenize_dataset
     from .discovery import discover_layer_groups
-    from .metrics import build_compute_metrics
-    from .optim import create_optimizer
+    from .training import build_classification_run
     from .transfer import apply_transfer
 
     data_args, transfer_args, training_args = parse_train_args(argv)
@@ -218,18 +229,23 @@ def run_train(argv: list[str]) -> dict[str, Any]:
         mode = "distributed" if training_args.world_size > 1 else "single process"
         print(f"Processes: {training_args.world_size} ({mode}), device {training_args.device}")
 
-    optimizer = create_optimizer(model, training_args, lr_decay=transfer_config.lr_decay, groups=groups)
-    trainer = Trainer(
-        model=model,
-        args=training_args,
-        train_dataset=tokenized["train"],
-        eval_dataset=tokenized["validation"],
-        processing_class=tokenizer,
-        compute_metrics=build_compute_metrics(("accuracy", "f1")),
-        optimizers=(optimizer, None),
+    run = build_classification_run(
+        model,
+        tokenizer,
+        tokenized["train"],
+        tokenized["validation"],
+        training_args,
+        groups=groups,
+        lr_decay=transfer_config.lr_decay,
+        activation_cache=data_args.activation_cache,
+        activation_cache_dir=data_args.activation_cache_dir,
     )
+    test_dataset = run.evaluation_dataset(tokenized["test"], "test")
+    if is_main and run.cache is not None:
+        print(run.describe_cache())
+    trainer = run.trainer
     train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    test_metrics = trainer.evaluate(tokenized["test"], metric_key_prefix="test")
+    test_metrics = trainer.evaluate(test_dataset, metric_key_prefix="test")
     elapsed = time.perf_counter() - started
 
     metrics: dict[str, Any] = {
@@ -246,6 +262,9 @@ def run_train(argv: list[str]) -> dict[str, Any]:
         "transfer_config": transfer_config.to_dict(),
         "trainable": report.to_dict(),
     }
+    if run.cache is not None:
+        metrics["activation_cache"] = run.cache_summary()
+    run.close()
     if is_main:
         _write_outputs(trainer, tokenizer, transfer_config, metrics, Path(training_args.output_dir))
         _print_summary(metrics, Path(training_args.output_dir))

@@ -312,6 +312,10 @@ class SearchSettings:
             ``eval_loss``).
         mode (`str`): ``max`` or ``min``.
         train_batch_size (`int`), eval_batch_size (`int`): per-device batch sizes.
+        activation_cache (`bool`): trials train on cached frozen-prefix activations (``tl-plugin train
+            --activation_cache``); trials with the same freeze boundary share one cache file.
+        activation_cache_dir (`str`, *optional*): the cache directory, on a disk every trial sees (default:
+            `tl_plugin.cache.default_cache_dir` on each node).
     """
 
     num_blocks: int
@@ -324,6 +328,8 @@ class SearchSettings:
     mode: str = "max"
     train_batch_size: int = 16
     eval_batch_size: int = 64
+    activation_cache: bool = False
+    activation_cache_dir: str | None = None
 
     def __post_init__(self) -> None:
         _check_num_blocks(self.num_blocks)
@@ -351,6 +357,8 @@ def search_settings_from_args(args: Any, output_dir: Path) -> SearchSettings:
         model_path = str(output_dir / "tiny-bert")
         if not Path(model_path, "config.json").is_file():
             save_tiny_bert(model_path)
+    cache = bool(getattr(args, "activation_cache", False))
+    cache_dir = getattr(args, "activation_cache_dir", None) or output_dir / "activation-cache"
     return SearchSettings(
         num_blocks=count_blocks(model_path),
         model_path=str(Path(model_path).resolve()) if model_path else None,
@@ -360,6 +368,8 @@ def search_settings_from_args(args: Any, output_dir: Path) -> SearchSettings:
         seed=args.seed,
         metric=args.metric,
         mode=args.mode,
+        activation_cache=cache,
+        activation_cache_dir=str(Path(cache_dir).resolve()) if cache and cache_dir else None,
     )
 
 
@@ -449,12 +459,11 @@ def _run_training(config: Mapping[str, Any], settings: SearchSettings, callbacks
     import datasets
     import torch
     import transformers
-    from transformers import AutoTokenizer, PrinterCallback, Trainer
+    from transformers import AutoTokenizer, PrinterCallback
 
     from .data import LABEL_NAMES, load_fine_food_reviews, tokenize_dataset
     from .discovery import discover_layer_groups
-    from .metrics import build_compute_metrics
-    from .optim import create_optimizer
+    from .training import build_classification_run
     from .transfer import apply_transfer
 
     # Keep the trial logs readable: no progress bars, no load reports (Tune reports the metrics).
@@ -470,24 +479,29 @@ def _run_training(config: Mapping[str, Any], settings: SearchSettings, callbacks
     groups = discover_layer_groups(model, blocks=transfer_config.blocks, head=transfer_config.head)
     report = apply_transfer(model, transfer_config, groups)
     output_dir = tempfile.mkdtemp(prefix="tl-trial-")
+    run = None
     try:
         args = trial_training_arguments(
             settings, float(config["learning_rate"]), output_dir, use_cpu=not torch.cuda.is_available()
         )
-        optimizer = create_optimizer(model, args, lr_decay=transfer_config.lr_decay, groups=groups)
-        trainer = Trainer(
-            model=model,
-            args=args,
-            train_dataset=tokenized["train"],
-            eval_dataset=tokenized["validation"],
-            processing_class=tokenizer,
-            compute_metrics=build_compute_metrics(("accuracy", "f1")),
-            optimizers=(optimizer, None),
+        run = build_classification_run(
+            model,
+            tokenizer,
+            tokenized["train"],
+            tokenized["validation"],
+            args,
+            groups=groups,
+            lr_decay=transfer_config.lr_decay,
             callbacks=[*_extra_callbacks(config, len(report.trainable_groups)), *callbacks],
+            activation_cache=settings.activation_cache,
+            activation_cache_dir=settings.activation_cache_dir,
         )
+        trainer = run.trainer
         trainer.remove_callback(PrinterCallback)  # prints every log dict when tqdm is off
         trainer.train()
     finally:
+        if run is not None:
+            run.close()
         shutil.rmtree(output_dir, ignore_errors=True)
     return trainer
 
@@ -1002,6 +1016,10 @@ def final_command(
     ]
     if settings.model_path:
         command += ["--model_name_or_path", str(settings.model_path)]
+    if settings.activation_cache:
+        command += ["--activation_cache", "true"]
+        if settings.activation_cache_dir:
+            command += ["--activation_cache_dir", str(settings.activation_cache_dir)]
     if output_dir is not None:
         command += ["--output_dir", str(output_dir)]
     return command
