@@ -382,3 +382,26 @@ def test_training_after_freezing_the_bottom_half_never_moves_frozen_weights(tiny
     assert trained == names_of(model, "blocks.2", "blocks.3", "other", "head")
     for name in trained:
         assert not torch.equal(after[name].detach(), before[name]), f"trainable {name} did not move"
+
+
+def test_peft_original_copy_of_a_trained_head_is_never_marked_trainable():
+    """PEFT trains a copy of the classifier (``modules_to_save``) and keeps the pretrained one unused: unfreezing
+    ``head`` must not mark the unused one trainable (it would get no gradient and inflate the report)."""
+    pytest.importorskip("peft")
+    model = build_lora_bert()
+    original = {n for n, _ in model.named_parameters() if ".original_module." in n}
+    copy = {n for n, _ in model.named_parameters() if ".modules_to_save." in n}
+    assert len(original) == len(copy) == 2
+    freeze_all_but(model, ["head"])
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert copy <= trainable
+    assert not original & trainable
+    freeze(model, "head", allow_no_trainable=True)
+    unfreeze(model, ["head", "blocks[-1:]"])
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert copy <= trainable
+    assert not original & trainable
+    head_row = next(row for row in trainable_report(model).rows if row.group == "head")
+    assert head_row.trainable == sum(p.numel() for n, p in model.named_parameters() if n in copy)
+    with pytest.raises(ValueError, match="matches no parameter"):
+        select_parameters(model, "re:.*original_module.*")

@@ -91,7 +91,8 @@ def select_parameters(
 
     Returns:
         `list[str]`: the matched parameter names, in the model's order, without PEFT adapter parameters unless
-        ``"adapters"`` was named.
+        ``"adapters"`` was named, and never the inactive pretrained copy that PEFT keeps of a ``modules_to_save``
+        layer (``...original_module...``: it is not used in the forward pass, so it would get no gradient).
 
     Raises:
         `ValueError`: when a selector matches nothing, naming the valid groups.
@@ -101,9 +102,10 @@ def select_parameters(
         selectors = [selectors]
     all_names = [name for name, _ in model.named_parameters()]
     adapters = set(groups.get("adapters").param_names) if "adapters" in groups.names else set()
+    unused = inactive_peft_copies(model)
     chosen: set[str] = set()
     for selector in selectors:
-        matched = _match_selector(selector, groups, all_names)
+        matched = _match_selector(selector, groups, all_names) - unused
         if selector != "adapters":
             matched -= adapters
         if not matched:
@@ -112,6 +114,22 @@ def select_parameters(
             )
         chosen |= matched
     return [name for name in all_names if name in chosen]
+
+
+def inactive_peft_copies(model: nn.Module) -> set[str]:
+    """Parameter names of the pretrained copies PEFT keeps beside a trained ``modules_to_save`` layer.
+
+    A PEFT ``ModulesToSaveWrapper`` holds ``original_module`` (the pretrained layer, unused while the adapter is
+    active) and ``modules_to_save.<adapter>`` (the copy that trains). Selections leave the original out, so that
+    unfreezing ``head`` does not mark a parameter trainable that never gets a gradient.
+    """
+    names: set[str] = set()
+    for module_name, module in model.named_modules():
+        original = getattr(module, "original_module", None)
+        if isinstance(original, nn.Module) and isinstance(getattr(module, "modules_to_save", None), nn.Module):
+            prefix = f"{module_name}.original_module." if module_name else "original_module."
+            names |= {prefix + name for name, _ in original.named_parameters()}
+    return names
 
 
 def _match_selector(selector: str, groups: LayerGroups, all_names: list[str]) -> set[str]:
