@@ -477,14 +477,45 @@ def test_activation_cache_setting_trains_trials_on_cached_activations(tiny_model
     )  # fmt: skip
     point = {"learning_rate": 1e-3, "strategy": "layers", "freeze_bottom_blocks": 2, "lr_decay": 1.0}
     trainer = tlt._run_training(point, settings, [])
-    cache = next(c.cache for c in trainer.callback_handler.callbacks if type(c).__name__ == "ActivationCacheCallback")
+    cache = next(
+        c.cache for c in trainer.callback_handler.callbacks if type(c).__name__ == "ActivationCacheCallback"
+    )
     assert cache.frozen_blocks == 2
     assert cache.stats["builds"] == 2  # train and validation
     assert cache.stats["cached_batches"] >= 2
     assert cache.stats["uncached_batches"] == 0
     assert "forward" not in trainer.model.__dict__  # the trial gave the model its own forward back
     again = tlt._run_training(point, settings, [])  # a second trial with the same boundary loads the files
-    cache = next(c.cache for c in again.callback_handler.callbacks if type(c).__name__ == "ActivationCacheCallback")
+    cache = next(
+        c.cache for c in again.callback_handler.callbacks if type(c).__name__ == "ActivationCacheCallback"
+    )
     assert (cache.stats["builds"], cache.stats["loads"]) == (0, 2)
     command = tlt.final_command("best.yaml", 1e-3, settings)
     assert command[-4:] == ["--activation_cache", "true", "--activation_cache_dir", str(cache_dir)]
+
+
+@pytest.mark.ray
+def test_search_with_the_activation_cache_shares_files_per_boundary_and_reproduces(
+    ray_env, tiny_model_dir, tmp_path
+):
+    recipe = _load_recipe("tune_search")
+    out, cache_dir = tmp_path / "search", tmp_path / "activations"
+    # more trials than boundaries (1 ... TINY_BLOCKS), so some trials must share a boundary
+    args = ["--num-samples", str(TINY_BLOCKS + 1), "--max-epochs", "1", "--max-concurrent", "1", "--strategies", "layers",
+            "--activation-cache", "--activation-cache-dir", str(cache_dir)]  # fmt: skip
+    summary = recipe.run_search(_search_args(tiny_model_dir, out, *args))
+    rows = summary["rows"]
+    assert summary["complete"]
+    assert all(r["status"] == "completed" for r in rows), tlt.format_results_table(rows, "eval_loss", "min")
+    boundaries = {r["frozen_blocks"] for r in rows}
+    assert len(boundaries) < len(rows)
+    # one file per boundary and dataset (train, validation), however many trials used it
+    assert len([p for p in cache_dir.iterdir() if p.is_dir()]) == 2 * len(boundaries)
+    command = shlex.split(summary["best"]["command"])
+    assert command[command.index("--activation_cache") + 1] == "true"
+    from tl_plugin.cli import main as tl_plugin_main
+
+    assert tl_plugin_main(command[1:]) == 0  # loads the search's cache files, trains as the trial did
+    reproduced = _final_epoch_eval(Path(command[command.index("--output_dir") + 1]), "eval_loss")
+    assert math.isclose(reproduced, summary["best"]["value"], rel_tol=0, abs_tol=2e-3)
+    assert len([p for p in cache_dir.iterdir() if p.is_dir()]) == 2 * len(boundaries) + 1  # + the test split
