@@ -4,16 +4,24 @@ Each rank trains the same tiny BERT with the real `transformers.Trainer` under a
 ``rank<k>.json`` holding, per parameter *name*, a digest of its initial and final values and its final
 ``requires_grad``. The parent test compares the ranks' files: the gloo exit abort that hits some 2-process runs
 after training (``terminate called without an active exception``) cannot hide a real failure, because a rank
-that failed never writes its file.
+that failed never writes its file. A rank that wrote its file leaves with `os._exit`, skipping the interpreter
+teardown where gloo aborts or (seen once) hangs.
+
+The activation-cache scenarios (`CACHE_SCENARIOS`) train a dropout-free BERT with its bottom 2 of 4 blocks
+frozen on variable-length examples: with `tl_plugin.cache.prepare_cached_training` and a cache directory shared
+by the ranks (``<out>/cache``), or uncached with the frozen prefix and the last block computed the same way.
+Their rank files also hold the cache's stats, and ``rank<k>.safetensors`` the final trainable tensors.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +46,45 @@ class RandomTokens(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.labels[i]}
 
 
+class RaggedTokens(torch.utils.data.Dataset):
+    """Tokenized, unpadded examples of 4 to 12 tokens (`pad_collate` pads them per batch)."""
+
+    def __init__(self, n: int = 64) -> None:
+        generator = torch.Generator().manual_seed(0)
+        lengths = torch.randint(4, 13, (n,), generator=generator).tolist()
+        self.ids = [torch.randint(5, 99, (length,), generator=generator) for length in lengths]
+        self.labels = [int(ids[0] > 50) for ids in self.ids]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": torch.tensor(self.labels[i])}
+
+
+def pad_collate(features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Right-pads ``input_ids`` to the longest example of the batch, with its ``attention_mask``."""
+    ids = torch.zeros(len(features), max(len(f["input_ids"]) for f in features), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, feature in enumerate(features):
+        length = len(feature["input_ids"])
+        ids[row, :length] = torch.as_tensor(feature["input_ids"])
+        mask[row, :length] = 1
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if "labels" in features[0]:
+        batch["labels"] = torch.stack([torch.as_tensor(f["labels"]) for f in features])
+    return batch
+
+
+def tiny_bert(**config: Any) -> BertForSequenceClassification:
+    return BertForSequenceClassification(
+        BertConfig(
+            hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=37, vocab_size=99,
+            **config,
+        )
+    )  # fmt: skip
+
+
 def digest(tensor: torch.Tensor) -> str:
     return hashlib.sha256(tensor.detach().cpu().contiguous().numpy().tobytes()).hexdigest()[:16]
 
@@ -48,7 +95,7 @@ def build_scenario(name: str, model: torch.nn.Module) -> tuple[list[Any], dict[s
 
     scenarios = _scenarios(TransferConfig)
     if name not in scenarios:
-        raise SystemExit(f"unknown scenario {name!r}; known: {sorted(scenarios)}")
+        raise SystemExit(f"unknown scenario {name!r}; known: {sorted([*scenarios, *CACHE_SCENARIOS])}")
     return scenarios[name](model)
 
 
@@ -84,6 +131,50 @@ def _scenarios(TransferConfig: Any) -> dict[str, Any]:  # noqa: N803 - a class p
     }
 
 
+#: Frozen prefix of the cache scenarios: the embeddings and the bottom 2 of the 4 blocks.
+CACHE_FROZEN_BLOCKS = 2
+CACHE_PREFIX = ("bert.embeddings.", "bert.encoder.layer.0.", "bert.encoder.layer.1.")
+CACHE_SCENARIOS = ("cached", "cached_per_rank_prefix", "uncached")
+
+
+def build_cache_scenario(
+    name: str, model: torch.nn.Module, cache_dir: Path
+) -> tuple[dict[str, Any], Callable[[], contextlib.AbstractContextManager[Any]], Any]:
+    """Trainer keyword arguments, the context to train in and the `ActivationCache` (or None) of a cache scenario.
+
+    ``cached`` and ``uncached`` start from the same frozen prefix on every rank (as after `from_pretrained`: a
+    checkpoint, here seed 0) and a different rest per rank; ``cached_per_rank_prefix`` keeps the per-rank
+    initialisation of the prefix too, so each rank keys its cache on different prefix weights until DDP
+    broadcasts rank 0's. Rank 0's initial weights, which DDP gives every rank, are the same in all three.
+    """
+    from tl_plugin import freeze_bottom_blocks
+    from tl_plugin.cache import prepare_cached_training
+    from tl_plugin.last_block import FirstTokenLastBlock
+    from tl_plugin.perf import FrozenPrefixNoGrad
+
+    if name != "cached_per_rank_prefix":
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            pretrained = tiny_bert(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0).state_dict()
+        model.load_state_dict(
+            {k: v for k, v in pretrained.items() if k.startswith(CACHE_PREFIX)}, strict=False
+        )
+    freeze_bottom_blocks(model, CACHE_FROZEN_BLOCKS)
+    if name == "uncached":  # a plain Trainer; the frozen prefix and the last block computed as the cache does
+
+        @contextlib.contextmanager
+        def like_the_cache() -> Any:
+            with FirstTokenLastBlock(model), FrozenPrefixNoGrad(model):
+                yield
+
+        kwargs = {"model": model, "train_dataset": RaggedTokens(), "data_collator": pad_collate}
+        return kwargs, like_the_cache, None
+    prepared = prepare_cached_training(
+        model, RaggedTokens(), data_collator=pad_collate, cache_dir=cache_dir, prefix_dropout="forbid"
+    )
+    return prepared.trainer_kwargs(), contextlib.nullcontext, prepared.cache
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--scenario", required=True)
@@ -94,19 +185,24 @@ def main() -> int:
     rank = int(os.environ.get("RANK", "0"))
 
     torch.manual_seed(rank)  # different init per rank: DDP must broadcast rank 0's weights
-    model = BertForSequenceClassification(
-        BertConfig(
-            hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=37, vocab_size=99
-        )
-    )
+    cached = options.scenario in CACHE_SCENARIOS
+    model = tiny_bert(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0) if cached else tiny_bert()
+    cache: Any = None
     try:
-        callbacks, extra_args, trainer_cls = build_scenario(options.scenario, model)
+        if cached:
+            trainer_kwargs, context, cache = build_cache_scenario(options.scenario, model, out / "cache")
+            extra_args: dict[str, Any] = {}
+            trainer_cls: type[Trainer] = Trainer
+        else:
+            callbacks, extra_args, trainer_cls = build_scenario(options.scenario, model)
+            trainer_kwargs = {"model": model, "train_dataset": RandomTokens(), "callbacks": callbacks}
+            context = contextlib.nullcontext
         args = TrainingArguments(
             output_dir=str(out / "trainer"), num_train_epochs=options.epochs, per_device_train_batch_size=8,
             learning_rate=5e-3, max_grad_norm=1.0, report_to=[], save_strategy="no", use_cpu=True,
             ddp_backend="gloo", disable_tqdm=True, seed=0, **extra_args,
         )  # fmt: skip
-        trainer = trainer_cls(model=model, args=args, train_dataset=RandomTokens(), callbacks=callbacks)
+        trainer = trainer_cls(args=args, **trainer_kwargs)
         start: dict[str, str] = {}
 
         from transformers import TrainerCallback
@@ -117,7 +213,8 @@ def main() -> int:
                     start[name] = digest(param)
 
         trainer.add_callback(StartDigest())
-        trainer.train()
+        with context():
+            trainer.train()
     except Exception as err:  # the parent reads the error from the rank's file
         (out / f"rank{rank}.error.txt").write_text(f"{type(err).__name__}: {err}")
         raise
@@ -127,7 +224,16 @@ def main() -> int:
         "start": start,
         "final": {name: digest(p) for name, p in model.named_parameters()},
         "requires_grad": {name: p.requires_grad for name, p in model.named_parameters()},
+        "global_step": trainer.state.global_step,
     }
+    if cached:
+        from safetensors.torch import save_file
+
+        trainable = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+        save_file(trainable, str(out / f"rank{rank}.safetensors"))
+        result["trainable_file"] = f"rank{rank}.safetensors"
+    if cache is not None:
+        result["cache"] = {"stats": dict(cache.stats), "frozen_blocks": cache.frozen_blocks}
     tmp = out / f"rank{rank}.json.tmp"
     tmp.write_text(json.dumps(result))
     tmp.replace(out / f"rank{rank}.json")
@@ -138,4 +244,10 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # Skip the interpreter's teardown: there, freeing DDP's reducer destroys the gloo process group, whose
+    # destructor (holding the GIL) joins a gloo thread that waits for the GIL to free the barrier's work: seen
+    # to hang a rank for good after it wrote its results. The results are written; nothing is left to clean.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -143,3 +143,84 @@ def test_accelerate_recipe_really_runs_two_processes(tmp_path: Path):
         assert EXIT_ABORT in output, output[-4000:]
     assert "Processes: 2 (distributed)" in output, output[-4000:]
     assert output.count("Trainable parameters after the transfer") == 1  # printed by the main process only
+
+
+# ------------------------------------------------------------------------------------- activation cache
+CACHE_PREFIX = ("bert.embeddings.", "bert.encoder.layer.0.", "bert.encoder.layer.1.")
+
+
+def _trainable_tensors(out: Path, result: dict) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(out / result["trainable_file"]))
+
+
+@pytest.fixture(scope="module")
+def uncached_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict]:
+    """The reference: a plain Trainer, the frozen prefix under no_grad and the last block at the first token."""
+    out = tmp_path_factory.mktemp("uncached")
+    proc, results = launch("uncached", out)
+    assert_clean_or_exit_abort(proc, results)
+    _ranks_in_sync(results)
+    return results[0], _trainable_tensors(out, results[0])
+
+
+def _cached_run_checks(out: Path, results: list[dict], uncached_run: tuple[dict, dict]) -> None:
+    """Ranks in sync, frozen prefix unchanged, every batch cached, and the same weights as the uncached run."""
+    import torch
+
+    _ranks_in_sync(results)
+    for result in results:
+        _frozen_unchanged_trained_changed(result)
+        frozen = {n for n, t in result["requires_grad"].items() if not t}
+        assert frozen == {n for n in result["requires_grad"] if n.startswith(CACHE_PREFIX)}
+        assert result["cache"]["frozen_blocks"] == 2
+        stats = result["cache"]["stats"]
+        assert stats["uncached_batches"] == 0, stats
+        assert stats["cached_batches"] == result["global_step"] == 12, stats  # 64 examples / 2 ranks / 8, x3
+        assert stats["boundary_changes"] == 0, stats
+    plain, plain_tensors = uncached_run
+    assert results[0]["start"] == plain["start"]  # DDP gave both runs rank 0's initial weights
+    assert results[0]["requires_grad"] == plain["requires_grad"]
+    tensors = [_trainable_tensors(out, result) for result in results]
+    assert tensors[0].keys() == plain_tensors.keys()
+    # Float rounding only: the cache computed the prefix in batches padded to another length than the training
+    # batches (measured: at most ~1.5e-6 on weights of ~0.05, and ~3e-6 on the attention key biases, whose
+    # gradient is zero up to rounding so they hold nothing but ~2e-6 of noise). Stale activations on a rank
+    # would move the weights by far more.
+    for name, expected in plain_tensors.items():
+        assert torch.equal(tensors[0][name], tensors[1][name]), name
+        torch.testing.assert_close(tensors[0][name], expected, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_activation_cache_under_ddp_builds_once_and_trains_like_the_uncached_run(
+    tmp_path: Path, uncached_run: tuple[dict, dict]
+):
+    """Both ranks share cache_dir: one builds the training cache under the lock, the other loads it."""
+    proc, results = launch("cached", tmp_path)
+    assert_clean_or_exit_abort(proc, results)
+    _cached_run_checks(tmp_path, results, uncached_run)
+    stats = [result["cache"]["stats"] for result in results]
+    assert sum(s["builds"] for s in stats) == 1, stats
+    assert sum(s["loads"] for s in stats) == 1, stats
+    assert sorted((s["builds"], s["loads"]) for s in stats) == [(0, 1), (1, 0)], stats
+    entries = list((tmp_path / "cache").iterdir())
+    assert len([p for p in entries if p.is_dir()]) == 1, entries
+    assert not any(p.name.startswith(".tmp") for p in entries), entries
+
+
+def test_activation_cache_under_ddp_with_a_per_rank_prefix_switches_to_rank0s_cache(
+    tmp_path: Path, uncached_run: tuple[dict, dict]
+):
+    """Prefix weights that differ per rank key different files: each rank builds its own while preparing.
+
+    DDP then broadcasts rank 0's weights; at train begin rank 1's cache sees its prefix changed and loads rank
+    0's file, so training uses the right activations (the same weights as the uncached run).
+    """
+    proc, results = launch("cached_per_rank_prefix", tmp_path)
+    assert_clean_or_exit_abort(proc, results)
+    _cached_run_checks(tmp_path, results, uncached_run)
+    stats = {result["rank"]: result["cache"]["stats"] for result in results}
+    assert (stats[0]["builds"], stats[0]["loads"]) == (1, 0), stats
+    assert (stats[1]["builds"], stats[1]["loads"]) == (1, 1), stats
+    assert len([p for p in (tmp_path / "cache").iterdir() if p.is_dir()]) == 2
