@@ -234,7 +234,9 @@ def test_cached_training_equals_plain_training_with_dropout_off(
 
 
 @LAST_BLOCKS
-def test_cache_equals_uncached_prefix_in_eval_mode_with_dropout_on_above(tmp_path: Path, last_block: str) -> None:
+def test_cache_equals_uncached_prefix_in_eval_mode_with_dropout_on_above(
+    tmp_path: Path, last_block: str
+) -> None:
     """With dropout on, prefix_dropout='off' means: prefix in eval mode, cached or not; the rest as usual."""
     data = make_dataset(32)
 
@@ -263,7 +265,9 @@ def test_cache_equals_uncached_prefix_in_eval_mode_with_dropout_on_above(tmp_pat
 
 # ------------------------------------------------------------------------------------------- invalidation
 @LAST_BLOCKS
-def test_moving_the_boundary_rebuilds_the_cache_and_training_still_matches(tmp_path: Path, last_block: str) -> None:
+def test_moving_the_boundary_rebuilds_the_cache_and_training_still_matches(
+    tmp_path: Path, last_block: str
+) -> None:
     data = make_dataset(32)
 
     def run(cached: bool) -> tuple[list[float], dict, Any]:
@@ -367,6 +371,41 @@ def test_data_changes_and_weight_changes_invalidate_the_cache(tmp_path: Path) ->
     assert third.refresh(check_weights=True) is True
     assert third.stats["builds"] == 1
     third.detach()
+
+
+def test_prefix_weights_changed_without_a_refresh_run_uncached_not_stale(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """E.g. DDP broadcasting rank 0's weights after each rank prepared its own cache, with no cache callback."""
+    model = tiny_bert()
+    freeze_bottom_blocks(model, 2)
+    cache = ActivationCache(model, data_collator=pad_collate, storage="memory")
+    rows = cache.prepare(make_dataset(16))
+    batch = cache.data_collator([rows[i] for i in range(8)])
+    plain = {k: v for k, v in batch.items() if k != "tl_cache_id"}
+    with torch.no_grad():
+        model.bert.embeddings.word_embeddings.weight.mul_(1.5)  # behind the cache's back
+    model.eval()
+    with caplog.at_level(logging.WARNING, logger="tl_plugin.cache"):
+        logits = model(**batch).logits
+    assert "weights changed after the activation cache was built" in caplog.text
+    assert (cache.stats["cached_batches"], cache.stats["uncached_batches"]) == (0, 1)
+    cache.detach()
+    expected = model(**plain).logits  # the whole model, new weights
+    torch.testing.assert_close(logits, expected)
+
+    cache = ActivationCache(model, data_collator=pad_collate, storage="memory")
+    rows = cache.prepare(make_dataset(16))
+    with torch.no_grad():
+        model.bert.embeddings.word_embeddings.weight.mul_(2.0)
+    assert cache.refresh(check_weights=True) is True  # what cache.callback() does at train begin
+    model(**cache.data_collator([rows[i] for i in range(8)]))
+    assert (cache.stats["builds"], cache.stats["cached_batches"], cache.stats["uncached_batches"]) == (
+        2,
+        1,
+        0,
+    )
+    cache.detach()
 
 
 def no_mask_collate(features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:

@@ -377,6 +377,12 @@ class ActivationCache:
         self._controller.provider = self._lookup
         self._slots: list[_Slot] = []
         self._units = 0  # prefix units the stored activations cover (0: no cache)
+        # Prefix weights the stored activations were computed with; re-checked once at the first cached forward
+        # after each build, which catches weights changed behind the cache's back (a DDP broadcast of rank 0's
+        # weights, a checkpoint loaded into the model) when `cache.callback()` is not in the Trainer.
+        self._fingerprint: str | None = None
+        self._fingerprint_checked = False
+        self._stale = False
         self._checked_units: set[int] = set()
         self._stop_early: dict[int, bool] = {}
         self._warned: set[str] = set()
@@ -453,7 +459,10 @@ class ActivationCache:
             self._switch(units)
             return True
         if check_weights and units:
-            stale = [s for s in self._slots if s.array is not None and s.key != self._key(s, units)]
+            fingerprint = self._prefix_fingerprint(units)
+            stale = [
+                s for s in self._slots if s.array is not None and s.key != self._key(s, units, fingerprint)
+            ]
             if stale:
                 self._switch(units)
                 return True
@@ -486,6 +495,7 @@ class ActivationCache:
         for slot in self._slots:
             slot.array, slot.key, slot.path, slot.nbytes = None, None, None, 0
         self._units = units
+        self._fingerprint = None
         if not units or not self._slots:
             self._warn_nothing_to_cache()
             return
@@ -581,12 +591,12 @@ class ActivationCache:
             json.dumps(data, sort_keys=True, default=str).encode(), digest_size=16
         ).hexdigest()
 
-    def _key(self, slot: _Slot, units: int) -> str:
+    def _key(self, slot: _Slot, units: int, fingerprint: str | None = None) -> str:
         material = {
             "format": CACHE_FORMAT_VERSION,
             "model": f"{type(self.model).__module__}.{type(self.model).__qualname__}",
             "config": self._config_fingerprint(),
-            "prefix": self._prefix_fingerprint(units),
+            "prefix": fingerprint if fingerprint is not None else self._prefix_fingerprint(units),
             "units": units,
             "data": slot.rows.content_hash,
             "collator": _describe_collator(self._collator),
@@ -665,9 +675,17 @@ class ActivationCache:
         return _trainable_leaves(tensor, self._controller.param_names)
 
     # ------------------------------------------------------------------ build / load
+    def _current_fingerprint(self, units: int) -> str:
+        """The prefix fingerprint of the stored activations (computed once per boundary and build)."""
+        if self._fingerprint is None:
+            self._fingerprint = self._prefix_fingerprint(units)
+            self._fingerprint_checked = False
+            self._stale = False
+        return self._fingerprint
+
     def _fill(self, slot: _Slot) -> None:
         units = self._units
-        key = self._key(slot, units)
+        key = self._key(slot, units, self._current_fingerprint(units))
         slot.key = key
         if self.storage == "memory":
             built = self._build(slot, units, None)
@@ -925,7 +943,7 @@ class ActivationCache:
             self.stats["uncached_batches"] += 1
             return None
         slot = self._slots[int(slot_index[0])]
-        if slot.array is None or rows.max() >= len(slot.rows.lengths):
+        if slot.array is None or rows.max() >= len(slot.rows.lengths) or self._prefix_changed():
             self.stats["uncached_batches"] += 1
             return None
         self._check_rows(slot, rows, main, arguments.get("attention_mask"))
@@ -936,6 +954,20 @@ class ActivationCache:
         )
         self.stats["cached_batches"] += 1
         return self._rows_tensor(slot, rows, like), self._units
+
+    def _prefix_changed(self) -> bool:
+        """Whether the prefix weights differ from those the activations were computed with (checked once)."""
+        if not self._fingerprint_checked:
+            self._fingerprint_checked = True
+            if self._fingerprint is not None and self._prefix_fingerprint(self._units) != self._fingerprint:
+                self._stale = True
+                logger.warning(
+                    "The frozen prefix's weights changed after the activation cache was built (for example DDP "
+                    "broadcast rank 0's weights, or a checkpoint was loaded): running the whole model until "
+                    "`cache.refresh(check_weights=True)` rebuilds it. Add `cache.callback()` to the Trainer "
+                    "(`prepare_cached_training` does) to refresh it when training starts."
+                )
+        return self._stale
 
     def _hidden_dtype(self) -> torch.dtype:
         param = next(self.model.parameters(), None)
