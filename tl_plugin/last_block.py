@@ -106,38 +106,39 @@ def _heads(linear: nn.Module, hidden: torch.Tensor, head_size: int) -> torch.Ten
     return linear(hidden).view(batch, length, -1, head_size).transpose(1, 2)
 
 
+def _first_query_context(
+    attention: Any, projections: tuple[str, str, str], training: bool, hidden_states: torch.Tensor, mask: Any
+) -> torch.Tensor:
+    """The attention output of position 0 over every position, from `attention`'s query/key/value layers."""
+    query, key, value = (getattr(attention, name) for name in projections)
+    size = attention.attention_head_size
+    return _first_query_attention(
+        _heads(query, hidden_states[:, :1], size),
+        _heads(key, hidden_states, size),
+        _heads(value, hidden_states, size),
+        mask,
+        attention.dropout.p if training else 0.0,
+        attention.scaling,
+    )
+
+
 def _bert_first_token(block: Any, hidden_states: torch.Tensor, attention_mask: Any) -> torch.Tensor:
     """A BERT-layout layer (`BertLayer` and its copies) evaluated at position 0 only."""
-    attention = block.attention
-    self_attention = attention.self
-    first = hidden_states[:, :1]
-    size = self_attention.attention_head_size
-    context = _first_query_attention(
-        _heads(self_attention.query, first, size),
-        _heads(self_attention.key, hidden_states, size),
-        _heads(self_attention.value, hidden_states, size),
-        attention_mask,
-        self_attention.dropout.p if block.training else 0.0,
-        self_attention.scaling,
+    projections = ("query", "key", "value")
+    context = _first_query_context(
+        block.attention.self, projections, block.training, hidden_states, attention_mask
     )
-    attended = attention.output(context, first)
+    attended = block.attention.output(context, hidden_states[:, :1])
     return block.output(block.intermediate(attended), attended)
 
 
 def _distilbert_first_token(block: Any, hidden_states: torch.Tensor, attention_mask: Any) -> torch.Tensor:
     """A DistilBERT `TransformerBlock` evaluated at position 0 only."""
-    attention = block.attention
-    first = hidden_states[:, :1]
-    size = attention.attention_head_size
-    context = _first_query_attention(
-        _heads(attention.q_lin, first, size),
-        _heads(attention.k_lin, hidden_states, size),
-        _heads(attention.v_lin, hidden_states, size),
-        attention_mask,
-        attention.dropout.p if block.training else 0.0,
-        attention.scaling,
+    projections = ("q_lin", "k_lin", "v_lin")
+    context = _first_query_context(
+        block.attention, projections, block.training, hidden_states, attention_mask
     )
-    attended = block.sa_layer_norm(attention.out_lin(context) + first)
+    attended = block.sa_layer_norm(block.attention.out_lin(context) + hidden_states[:, :1])
     return block.output_layer_norm(block.ffn(attended) + attended)
 
 
