@@ -400,12 +400,19 @@ def test_prefix_weights_changed_without_a_refresh_run_uncached_not_stale(
         model.bert.embeddings.word_embeddings.weight.mul_(2.0)
     assert cache.refresh(check_weights=True) is True  # what cache.callback() does at train begin
     model(**cache.data_collator([rows[i] for i in range(8)]))
-    assert (cache.stats["builds"], cache.stats["cached_batches"], cache.stats["uncached_batches"]) == (
-        2,
-        1,
-        0,
-    )
+    assert cache.stats["builds"] == 2
+    assert (cache.stats["cached_batches"], cache.stats["uncached_batches"]) == (1, 0)
+    # Weights changed between two prepare() calls: the dataset stored first is rebuilt with the second.
+    with torch.no_grad():
+        model.bert.embeddings.word_embeddings.weight.mul_(0.5)
+    other = cache.prepare(make_dataset(8, seed=3), name="other")
+    assert cache.stats["builds"] == 4  # "other", and the first dataset again
+    batch = cache.data_collator([rows[i] for i in range(8)])
+    logits = model(**batch).logits
+    assert (cache.stats["cached_batches"], cache.stats["uncached_batches"]) == (2, 0)
     cache.detach()
+    torch.testing.assert_close(logits, model(**{k: v for k, v in batch.items() if k != "tl_cache_id"}).logits)
+    assert len(other) == 8
 
 
 def no_mask_collate(features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:

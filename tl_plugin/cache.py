@@ -675,17 +675,16 @@ class ActivationCache:
         return _trainable_leaves(tensor, self._controller.param_names)
 
     # ------------------------------------------------------------------ build / load
-    def _current_fingerprint(self, units: int) -> str:
-        """The prefix fingerprint of the stored activations (computed once per boundary and build)."""
-        if self._fingerprint is None:
-            self._fingerprint = self._prefix_fingerprint(units)
-            self._fingerprint_checked = False
-            self._stale = False
-        return self._fingerprint
-
     def _fill(self, slot: _Slot) -> None:
         units = self._units
-        key = self._key(slot, units, self._current_fingerprint(units))
+        fingerprint = self._prefix_fingerprint(units)
+        if fingerprint != self._fingerprint:
+            if any(s.array is not None for s in self._slots if s is not slot):
+                # the prefix weights changed since the other datasets were stored: all of them are stale
+                self._switch(units)
+                return
+            self._fingerprint, self._fingerprint_checked, self._stale = fingerprint, False, False
+        key = self._key(slot, units, fingerprint)
         slot.key = key
         if self.storage == "memory":
             built = self._build(slot, units, None)
