@@ -1087,8 +1087,7 @@ def prepare_cached_training(
         train_dataset: tokenized training examples (fixed: no random augmentation).
         eval_dataset (*optional*): a dataset or a dict of datasets to evaluate on.
         data_collator (*optional*): the collator; default ``DataCollatorWithPadding(tokenizer)`` when
-        `tokenizer`
-            is given, else `transformers.default_data_collator`.
+            `tokenizer` is given, else `transformers.default_data_collator`.
         tokenizer (*optional*): used for the default collator.
         **cache_kwargs: passed to `ActivationCache` (``cache_dir``, ``max_bytes``, ``prefix_dropout``, ...).
 

@@ -289,8 +289,8 @@ class FirstTokenLastBlock:
         groups (`LayerGroups`, *optional*): its layer groups; discovered when not given.
 
     Raises:
-        `UnsupportedLastBlockError`: when the model is not a first-token classifier, its last block has no known
-        layout, or the pruned forward disagrees with the block's own forward on random hidden states.
+        `UnsupportedLastBlockError`: when the model is not a first-token classifier, its last block has no
+            known layout, or the pruned forward disagrees with the block's own forward on random hidden states.
 
     Example:
 

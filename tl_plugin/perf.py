@@ -626,7 +626,7 @@ class FrozenPrefixNoGrad:
     Raises:
         `ValueError`: for an unknown `prefix_dropout`, or ``"forbid"`` with dropout in the current prefix.
         `UnsupportedPrefixError`: when the model has no embeddings group, or (at the first training forward at
-        a boundary) its prefix turns out to depend on a trainable parameter.
+            a boundary) its prefix turns out to depend on a trainable parameter.
 
     Example:
 

@@ -85,7 +85,8 @@ def build_classification_run(
     Args:
         model: the classifier, with its transfer config applied (frozen layers frozen).
         tokenizer: its tokenizer (padding collator, saved with the model).
-        train_dataset, eval_dataset: tokenized datasets (``input_ids``, ``attention_mask``, ``label``).
+        train_dataset: tokenized training examples (``input_ids``, ``attention_mask``, ``label``).
+        eval_dataset: tokenized evaluation examples, the same columns.
         training_args (`transformers.TrainingArguments`): the run's arguments.
         groups (`LayerGroups`): the model's layer groups (for layer-wise LR decay and the cache).
         lr_decay (`float`, *optional*): layer-wise LR decay factor, `None` for none.
