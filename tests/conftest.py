@@ -14,6 +14,7 @@ os.environ["TRANSFORMERS_VERBOSITY"] = "error"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 from tiny_models import build_tiny_bert  # noqa: E402
 
 
@@ -21,3 +22,12 @@ from tiny_models import build_tiny_bert  # noqa: E402
 def tiny_bert():
     """A fresh tiny BERT sequence classifier: hidden 32, 4 layers, 2 heads, intermediate 37, vocab 99, 2 labels."""
     return build_tiny_bert()
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One intra-op thread for the test (tiny models run faster so, and far faster on a busy 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

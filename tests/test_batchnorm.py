@@ -34,13 +34,8 @@ from tl_plugin.callbacks.batchnorm import (  # noqa: E402
 STEM_BN = "resnet.embedder.embedder.normalization"
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny models: one intra-op thread is faster, and far faster on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models: one intra-op thread is faster, and far faster on a busy 2-core machine.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class RandomImages(torch.utils.data.Dataset):

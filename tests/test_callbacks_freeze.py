@@ -35,12 +35,8 @@ from tl_plugin.optim import TransferTrainer
 ALL_GROUPS = list(TINY_BERT_GROUP_PREFIXES)  # embeddings, blocks.0-3, other, head
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models: one intra-op thread is faster, and far faster on a busy 2-core machine.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def training_args(tmp_path, **overrides: Any) -> TrainingArguments:

@@ -31,13 +31,8 @@ from tl_plugin.callbacks.regularization import L2SP_REFERENCE_FILE, L2SPCallback
 HEAD = ("classifier.weight", "classifier.bias")
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny models: one intra-op thread is faster, and far faster on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models: one intra-op thread is faster, and far faster on a busy 2-core machine.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_bert(seed: int = 0) -> BertForSequenceClassification:

@@ -19,14 +19,8 @@ from transformers.modeling_outputs import SequenceClassifierOutput  # noqa: E402
 
 from tl_plugin.losses import WeightedCrossEntropyLoss, WeightScheme, class_weights_from_labels  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny models: one intra-op thread is faster, and far faster on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models: one intra-op thread is faster, and far faster on a busy 2-core machine.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---------------------------------------------------------------------------------------------- class weights

@@ -34,12 +34,8 @@ N_BLOCKS = TINY_BERT_CONFIG["num_hidden_layers"]
 DEPTH = {"head": 0, "other": 0, "blocks.3": 1, "blocks.2": 2, "blocks.1": 3, "blocks.0": 4, "embeddings": 5}
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models: one intra-op thread is faster, and far faster on a busy 2-core machine.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def training_args(tmp_path, **overrides: Any) -> TrainingArguments:
