@@ -244,8 +244,11 @@ def run_train(argv: list[str]) -> dict[str, Any]:
     if is_main and run.cache is not None:
         print(run.describe_cache())
     trainer = run.trainer
-    train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    test_metrics = trainer.evaluate(test_dataset, metric_key_prefix="test")
+    try:
+        train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+        test_metrics = trainer.evaluate(test_dataset, metric_key_prefix="test")
+    finally:
+        run.close()  # the model's own forwards again, also when training fails (it is saved below)
     elapsed = time.perf_counter() - started
 
     metrics: dict[str, Any] = {
@@ -264,7 +267,6 @@ def run_train(argv: list[str]) -> dict[str, Any]:
     }
     if run.cache is not None:
         metrics["activation_cache"] = run.cache_summary()
-    run.close()
     if is_main:
         _write_outputs(trainer, tokenizer, transfer_config, metrics, Path(training_args.output_dir))
         _print_summary(metrics, Path(training_args.output_dir))

@@ -358,7 +358,7 @@ def search_settings_from_args(args: Any, output_dir: Path) -> SearchSettings:
         if not Path(model_path, "config.json").is_file():
             save_tiny_bert(model_path)
     cache = bool(getattr(args, "activation_cache", False))
-    cache_dir = getattr(args, "activation_cache_dir", None) or output_dir / "activation-cache"
+    cache_dir = Path(getattr(args, "activation_cache_dir", None) or output_dir / "activation-cache")
     return SearchSettings(
         num_blocks=count_blocks(model_path),
         model_path=str(Path(model_path).resolve()) if model_path else None,
@@ -369,7 +369,7 @@ def search_settings_from_args(args: Any, output_dir: Path) -> SearchSettings:
         metric=args.metric,
         mode=args.mode,
         activation_cache=cache,
-        activation_cache_dir=str(Path(cache_dir).resolve()) if cache and cache_dir else None,
+        activation_cache_dir=str(cache_dir.resolve()) if cache else None,
     )
 
 
