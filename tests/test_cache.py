@@ -415,6 +415,32 @@ def test_prefix_weights_changed_without_a_refresh_run_uncached_not_stale(
     assert len(other) == 8
 
 
+@pytest.mark.parametrize("last_block", ["auto", "full"])
+def test_a_linear_probe_of_a_first_token_classifier_stores_the_first_position_only(last_block: str) -> None:
+    """Every block frozen and a head that reads position 0: one position per example is all the cache needs
+    (with last_block="full", every position); unfreezing the last block (LP-FT) stores every position again."""
+    model = tiny_bert().eval()
+    freeze_all_but(model, ["head"])
+    cache = ActivationCache(model, data_collator=pad_collate, storage="memory", last_block=last_block)
+    data = make_dataset(16)
+    rows = cache.prepare(data)
+    longest = max(len(ids) for ids in data["input_ids"])
+    positions = 1 if last_block == "auto" else longest
+    assert cache.nbytes == 16 * positions * 32 * 4  # examples x positions x hidden x float32
+    batch = cache.data_collator([rows[i] for i in range(8)])
+    plain = {k: v for k, v in batch.items() if k != "tl_cache_id"}
+    logits = model(**batch).logits
+    assert cache.stats["cached_batches"] == 1
+    unfreeze(model, "blocks.3")  # the fine-tuning phase of LP-FT: the last block trains again
+    assert cache.refresh() is True
+    assert cache.nbytes == 16 * longest * 32 * 4
+    after = model(**batch).logits
+    assert cache.stats["cached_batches"] == 2
+    cache.detach()
+    torch.testing.assert_close(logits, model(**plain).logits, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(after, model(**plain).logits, rtol=1e-5, atol=1e-6)
+
+
 def no_mask_collate(features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     batch = pad_collate(features)
     del batch["attention_mask"]

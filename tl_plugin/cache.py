@@ -601,11 +601,17 @@ class ActivationCache:
             "data": slot.rows.content_hash,
             "collator": _describe_collator(self._collator),
             "prefix_mode": "eval",
+            "positions": "first" if self._first_position_only(units) else "all",
             "dtype": self.dtype,
             "torch": torch.__version__,
         }
         text = json.dumps(material, sort_keys=True, default=str)
         return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+    def _first_position_only(self, units: int) -> bool:
+        """Whether to store only position 0: every block is frozen (a linear probe) and the classifier reads
+        the first position only (`self.last_block` is installed), so no other position is ever read."""
+        return self.last_block is not None and units == len(self._controller.unit_names)
 
     # ------------------------------------------------------------------ checks
     def _verify_batch(self, slot: _Slot) -> dict[str, Any]:
@@ -653,7 +659,10 @@ class ActivationCache:
         self._controller.set_interstitial(probe.interstitial)
         try:
             with torch.no_grad(), _eval_mode(self.model):
-                cached = self._controller.run_with_slot(batch, probe.boundary.detach(), units)
+                stored = probe.boundary.detach()
+                if self._first_position_only(units):  # what the cache will store: position 0, zeros after
+                    stored = torch.cat([stored[:, :1], torch.zeros_like(stored[:, 1:])], dim=1)
+                cached = self._controller.run_with_slot(batch, stored, units)
         except Exception as err:  # noqa: BLE001
             raise UnsupportedPrefixError(
                 f"Cannot cache {where}: the model fails when its prefix is replaced by stored hidden states "
@@ -816,7 +825,7 @@ class ActivationCache:
     def _build(self, slot: _Slot, units: int, directory: Path | None) -> bool:
         """Compute the activations of `slot` (into `directory`, or RAM). `False` when over budget."""
         started = time.perf_counter()
-        n, width = len(slot.rows.lengths), slot.rows.width
+        n, width = len(slot.rows.lengths), 1 if self._first_position_only(units) else slot.rows.width
         storage_dtype = np.dtype(self.dtype)
         array: np.ndarray | None = None
         seq_axis = True
@@ -895,7 +904,9 @@ class ActivationCache:
         stored = self._rows_tensor(slot, np.arange(fresh.boundary.shape[0]), fresh.boundary)
         expected = fresh.boundary.to(stored.dtype)
         mask = batch.get("attention_mask")
-        if slot.seq_axis and isinstance(mask, torch.Tensor) and mask.shape == stored.shape[:2]:
+        if slot.seq_axis and self._first_position_only(units):
+            stored, expected = stored[:, :1], expected[:, :1]  # the only position stored
+        elif slot.seq_axis and isinstance(mask, torch.Tensor) and mask.shape == stored.shape[:2]:
             # Padding positions may legitimately differ (some models compute them from the batch's padded
             # length); the layers above never read them.
             keep = mask.bool()
