@@ -466,6 +466,8 @@ class ActivationCache:
             if stale:
                 self._switch(units)
                 return True
+            if fingerprint == self._fingerprint:
+                self._fingerprint_checked = True  # just checked: the first cached forward need not hash again
         return False
 
     def callback(self) -> ActivationCacheCallback:
