@@ -580,7 +580,7 @@ class ActivationCache:
                 for tensor_name, tensor in sorted(tensors, key=lambda item: item[0]):
                     data = tensor.detach().cpu().contiguous()
                     digest.update(f"{tensor_name}|{data.dtype}|{tuple(data.shape)}|".encode())
-                    digest.update(data.reshape(-1).view(torch.uint8).numpy())  # hashed in place, no copy
+                    digest.update(data.reshape(-1).view(torch.uint8).numpy().data)  # in place, no copy
         return digest.hexdigest()
 
     def _config_fingerprint(self) -> str:
