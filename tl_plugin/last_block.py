@@ -231,20 +231,28 @@ def first_token_support(model: nn.Module, groups: LayerGroups | None = None) -> 
 
     ```
     """
+    found = _supported_last_block(model, groups if groups is not None else discover_layer_groups(model))
+    return found if isinstance(found, str) else None
+
+
+def _supported_last_block(
+    model: nn.Module, groups: LayerGroups
+) -> str | tuple[nn.Module, Callable[[Any, torch.Tensor, Any], torch.Tensor]]:
+    """The last block and its first-position forward, or why there is none."""
     name = type(model).__name__
     if name not in FIRST_TOKEN_CLASSIFIERS:
         return (
             f"{name} is not a first-token classifier (its head may read every position); supported: "
             f"{', '.join(sorted(FIRST_TOKEN_CLASSIFIERS))}."
         )
-    groups = groups if groups is not None else discover_layer_groups(model)
     block = _last_block(model, groups)
     if block is None:
         return f"{name} has no block stack (layer groups: {groups.summary()})."
-    if _layout_of(block) is None:
+    compute = _layout_of(block)
+    if compute is None:
         layouts = ", ".join(layout for layout, _, _ in _LAYOUTS)
         return f"the last block of {name} ({type(block).__name__}) has none of the known layouts ({layouts})."
-    return None
+    return block, compute
 
 
 def resolve_last_block(
@@ -319,13 +327,10 @@ class FirstTokenLastBlock:
 
     def __init__(self, model: nn.Module, *, groups: LayerGroups | None = None) -> None:
         groups = groups if groups is not None else discover_layer_groups(model)
-        reason = first_token_support(model, groups)
-        if reason is not None:
-            raise UnsupportedLastBlockError(f"FirstTokenLastBlock cannot be used: {reason}")
-        block = _last_block(model, groups)
-        compute = _layout_of(block) if block is not None else None
-        if block is None or compute is None:  # pragma: no cover - first_token_support checked both
-            raise UnsupportedLastBlockError(f"FirstTokenLastBlock cannot be used on {type(model).__name__}.")
+        found = _supported_last_block(model, groups)
+        if isinstance(found, str):
+            raise UnsupportedLastBlockError(f"FirstTokenLastBlock cannot be used: {found}")
+        block, compute = found
         self.model = model
         self.block = block
         self.block_name = groups.blocks[-1].module_name
