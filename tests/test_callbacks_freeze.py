@@ -5,6 +5,7 @@ parameter unfrozen at step k identical before k and changed after, lrs read from
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import pytest
@@ -421,6 +422,28 @@ def test_a_rule_past_the_end_of_training_is_fine(tmp_path):
 def test_bad_configurations_are_rejected_with_the_argument_and_value(make, message):
     with pytest.raises(ValueError, match=message):
         make()
+
+
+def test_a_malformed_schedule_file_names_the_file_line_and_column(tmp_path):
+    from tl_plugin.config import ConfigFileError
+
+    path = tmp_path / "schedule.yaml"
+    path.write_text("phases:\n  - train: [head]\n    until_step: 3\n   - train: [all]\n")  # misindented item
+    expected = f"Freeze schedule file {str(path)!r} cannot be parsed at line 4, column 4: invalid YAML: "
+    with pytest.raises(ConfigFileError) as info:
+        FreezeSchedule.load(path)
+    assert str(info.value).startswith(expected), str(info.value)
+    assert (info.value.path, info.value.line, info.value.column) == (path, 4, 4)
+    # a path given to the callback goes through load
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        FreezeScheduleCallback(str(path))
+
+
+def test_a_schedule_file_with_a_tab_names_the_line(tmp_path):
+    path = tmp_path / "schedule.yml"
+    path.write_text("phases:\n\t- {train: [all]}\n")
+    with pytest.raises(ValueError, match=re.escape(f"{str(path)!r} cannot be parsed at line 2, column 1")):
+        FreezeSchedule.load(path)
 
 
 def test_two_freeze_schedules_conflict_before_training(tmp_path):

@@ -259,3 +259,46 @@ def test_saving_to_an_unknown_suffix_is_refused(tmp_path, name):
 def test_loading_a_missing_file_raises_file_not_found(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         TransferConfig.load(tmp_path / "missing.yaml")
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "line", "column", "problem"),
+    [
+        # an unclosed flow list: PyYAML notices at the next key (the problem mark), the list started at 2:15
+        (
+            "c.yaml",
+            "strategy: layers\ntrain_groups: [head\nfreeze_embeddings: true\n",
+            3,
+            18,
+            "expected ',' or ']', but got ':' (while parsing a flow sequence, started at line 2, column 15)",
+        ),
+        ("c.yml", "strategy: layers\n  reinit_top_k: 2\n", 2, 15, "mapping values are not allowed here"),
+        ("c.yaml", "strategy: full\n\tlr_decay: 0.5\n", 2, 1, "character '\\t' that cannot start any token"),
+        ("c.yaml", "strategy: full\nhead: [\x07]\n", 2, 8, "unacceptable character #x0007"),
+        ("c.json", '{"strategy": "full",\n  "lr_decay": }\n', 2, 15, "invalid JSON: Expecting value"),
+    ],
+)
+def test_a_malformed_file_names_the_file_line_and_column(tmp_path, name, text, line, column, problem):
+    from tl_plugin.config import ConfigFileError
+
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ConfigFileError) as info:
+        TransferConfig.load(path)
+    message = str(info.value)
+    where = f"cannot be parsed at line {line}, column {column}: "
+    assert message.startswith(f"Transfer config file {str(path)!r} {where}"), message
+    assert problem in message
+    assert (info.value.path, info.value.line, info.value.column) == (path, line, column)
+    assert isinstance(info.value, ValueError)  # callers catching ValueError keep working
+    assert not isinstance(info.value, yaml.YAMLError)
+
+
+def test_a_file_that_is_not_utf8_text_is_named(tmp_path):
+    from tl_plugin.config import ConfigFileError
+
+    path = tmp_path / "c.yaml"
+    path.write_bytes(b"strategy: \xff\n")
+    expected = f"{str(path)!r} cannot be parsed: not UTF-8 text (byte 10"
+    with pytest.raises(ConfigFileError, match=re.escape(expected)):
+        TransferConfig.load(path)

@@ -17,6 +17,63 @@ STRATEGIES = ("full", "partial", "layers")
 Strategy = Literal["full", "partial", "layers"]
 
 
+class ConfigFileError(ValueError):
+    """A config or schedule file that cannot be parsed (malformed YAML or JSON, not UTF-8 text).
+
+    The message names the file and, when the parser gives one, the line and column (1-based) of the problem.
+
+    Attributes:
+        path (`Path`): the file.
+        line (`int` or `None`): 1-based line of the problem, when known.
+        column (`int` or `None`): 1-based column of the problem, when known.
+    """
+
+    def __init__(
+        self, path: Path, kind: str, problem: str, line: int | None = None, column: int | None = None
+    ) -> None:
+        self.path = path
+        self.line = line
+        self.column = column
+        where = f" at line {line}, column {column}" if line is not None and column is not None else ""
+        super().__init__(
+            f"{kind} file {str(path)!r} cannot be parsed{where}: {problem}. Fix the file and load it again."
+        )
+
+
+def read_config_file(path: Path, kind: str, json_suffix: bool = True) -> Any:
+    """Parse `path` as JSON (suffix ``.json``, when `json_suffix`) or YAML (`yaml.safe_load`, which also reads JSON).
+
+    `kind` names the file in errors (e.g. ``"Transfer config"``). Raises `ConfigFileError` (a `ValueError`) naming
+    the file, line and column when the text cannot be parsed.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigFileError(path, kind, f"not UTF-8 text (byte {err.start}: {err.reason})") from err
+    if json_suffix and path.suffix.lower() == ".json":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ConfigFileError(path, kind, f"invalid JSON: {err.msg}", err.lineno, err.colno) from err
+    try:
+        return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as err:  # scanner / parser / composer errors: PyYAML marks are 0-based
+        mark = err.problem_mark or err.context_mark
+        problem = err.problem or err.context or type(err).__name__
+        if err.problem and err.context and err.context_mark is not None:
+            start = err.context_mark
+            problem += f" ({err.context}, started at line {start.line + 1}, column {start.column + 1})"
+        line, column = (mark.line + 1, mark.column + 1) if mark is not None else (None, None)
+        raise ConfigFileError(path, kind, f"invalid YAML: {problem}", line, column) from err
+    except yaml.reader.ReaderError as err:  # a character YAML does not allow; PyYAML gives its offset only
+        line = text.count("\n", 0, err.position) + 1
+        column = err.position - (text.rfind("\n", 0, err.position) + 1) + 1
+        problem = f"unacceptable character #x{err.character:04x} ({err.reason})"
+        raise ConfigFileError(path, kind, f"invalid YAML: {problem}", line, column) from err
+    except yaml.YAMLError as err:
+        raise ConfigFileError(path, kind, f"invalid YAML: {err}") from err
+
+
 def _check_non_negative_int(name: str, value: Any) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise ValueError(f"`{name}` must be an integer >= 0, got {value!r}.")
@@ -221,12 +278,18 @@ class TransferConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> TransferConfig:
-        """Read a config written by :meth:`save` (YAML via `yaml.safe_load`, or JSON)."""
+        """Read a config written by :meth:`save` (YAML via `yaml.safe_load`, or JSON).
+
+        Raises:
+            `FileNotFoundError`: when `path` is not a file.
+            `ConfigFileError` (a `ValueError`): when the file is not valid YAML / JSON, naming the file, the line
+                and the column of the problem.
+            `ValueError`: when the content is not a valid config.
+        """
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"Transfer config file {str(path)!r} does not exist.")
-        text = path.read_text()
-        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+        data = read_config_file(path, "Transfer config")
         if data is None:
             data = {}
         return cls.from_dict(data)

@@ -389,11 +389,20 @@ class FreezeSchedule:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> FreezeSchedule:
-        """Read a schedule from a YAML (or JSON) file."""
+        """Read a schedule from a YAML (or JSON) file.
+
+        Raises:
+            `FileNotFoundError`: when `path` is not a file.
+            `ConfigFileError` (a `ValueError`): when the file is not valid YAML, naming the file, the line and the
+                column of the problem.
+            `ValueError`: when the content is not a valid schedule.
+        """
+        from ..config import read_config_file
+
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"Freeze schedule file {str(path)!r} does not exist.")
-        return cls.from_yaml(path.read_text())
+        return cls.from_dict(read_config_file(path, "Freeze schedule", json_suffix=False) or {})
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the schedule as YAML; returns the path."""
