@@ -433,6 +433,10 @@ class TransferTrainer(Trainer):
     their layer groups (discovered once, at construction, on the unwrapped model). Your own ``optimizers=`` or
     ``optimizer_cls_and_kwargs=`` take precedence (the layer-wise optimizer is then not built).
 
+    A run launched on several processes that the Trainer would not wrap in DistributedDataParallel (e.g.
+    ``torchrun`` on CPUs without ``use_cpu=True``) raises `tl_plugin.distributed.DistributedSetupError` in the
+    constructor (see :func:`tl_plugin.distributed.check_ddp_will_wrap`).
+
     Every `Trainer` argument is accepted, plus:
 
     Args:
@@ -466,6 +470,9 @@ class TransferTrainer(Trainer):
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        from .distributed import check_ddp_will_wrap
+
+        check_ddp_will_wrap(self.args, type(self).__name__)
         callbacks = self.callback_handler.callbacks
         if lr_decay is None:
             lr_decay = _callback_setting(callbacks, "lr_decay")

@@ -5,20 +5,26 @@ phases, penalties) so that TensorBoard, W&B and MLflow users see them, a tl_plug
 trainer: `TransferTrainer` binds them automatically, and :func:`attach` does it for a plain `Trainer`. An unbound
 callback still works; its events then go to the Python logger (``tl_plugin``) on the main process only, and are
 kept in :attr:`TLCallback.events`.
+
+Every tl_plugin callback also refuses, before the first training step, a run launched on several processes that the
+Trainer would not wrap in DistributedDataParallel (:func:`tl_plugin.distributed.check_ddp_will_wrap`): the check
+runs at ``on_init_end`` and ``on_train_begin``, also in subclasses that override those events.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-from transformers.training_args import ParallelMode
+
+from ..distributed import check_ddp_will_wrap, is_distributed
 
 logger = logging.getLogger("tl_plugin")
 
@@ -29,10 +35,24 @@ class TLCallback(TrainerCallback):
     Subclasses call :meth:`log_event` for things a person wants to see in their dashboards. The event's numbers go
     through `Trainer.log` (main process only) when the callback is bound to its trainer; its text goes to the
     ``tl_plugin`` logger.
+
+    At ``on_init_end`` and ``on_train_begin`` (its own or a subclass's override, wrapped by `__init_subclass__`) the
+    callback first calls :func:`tl_plugin.distributed.check_ddp_will_wrap`: several launched processes that the
+    Trainer would not wrap in DDP raise `tl_plugin.distributed.DistributedSetupError` before the first step.
     """
 
     #: Callbacks of the same `conflict_key` decide which parameters are trainable: two in one Trainer conflict.
     conflict_key: str | None = None
+
+    #: The events at which the DDP check runs (before the first step: ``Trainer(...)`` and the start of ``train``).
+    _DDP_CHECK_EVENTS = ("on_init_end", "on_train_begin")
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for event in cls._DDP_CHECK_EVENTS:
+            method = cls.__dict__.get(event)
+            if method is not None and not getattr(method, "_tl_checks_ddp", False):
+                setattr(cls, event, _checking_ddp(method))
 
     def __init__(self) -> None:
         self._trainer_ref: weakref.ReferenceType[Any] | None = None
@@ -84,7 +104,24 @@ class TLCallback(TrainerCallback):
     def on_init_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        return None
+        check_ddp_will_wrap(args, type(self).__name__)
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        check_ddp_will_wrap(args, type(self).__name__)
+
+
+def _checking_ddp(method: Callable[..., Any]) -> Callable[..., Any]:
+    """`method` (a callback event handler), preceded by :func:`tl_plugin.distributed.check_ddp_will_wrap`."""
+
+    @functools.wraps(method)
+    def handler(self: TLCallback, args: TrainingArguments, *rest: Any, **kwargs: Any) -> Any:
+        check_ddp_will_wrap(args, type(self).__name__)
+        return method(self, args, *rest, **kwargs)
+
+    handler._tl_checks_ddp = True  # type: ignore[attr-defined]
+    return handler
 
 
 def find_calling_trainer(max_depth: int = 16) -> Any | None:
@@ -175,14 +212,15 @@ def claim_exclusive(callback: Any, anchor: Any, scope: Any = None) -> None:
     owners[key] = (scope_ref, weakref.ref(callback))
 
 
-def is_distributed(args: TrainingArguments) -> bool:
-    """Whether the run is DDP-style distributed (several processes, each with a replica)."""
-    return args.parallel_mode == ParallelMode.DISTRIBUTED
-
-
 def require_find_unused_parameters(args: TrainingArguments, who: str) -> None:
     """Raise unless ``ddp_find_unused_parameters=True`` in a distributed run where `who` freezes parameters that
-    the DDP reducer registered (they then produce no gradient in some steps)."""
+    the DDP reducer registered (they then produce no gradient in some steps).
+
+    :func:`tl_plugin.distributed.is_distributed` says whether the Trainer wraps the model in DDP; a multi-process
+    run it would not wrap is refused first (`tl_plugin.distributed.DistributedSetupError`), so that this check
+    cannot pass merely because DDP is missing.
+    """
+    check_ddp_will_wrap(args, who)
     if is_distributed(args) and args.ddp_find_unused_parameters is not True:
         raise ValueError(
             f"{who} freezes, during training, parameters that DistributedDataParallel registered as trainable; DDP "
