@@ -14,47 +14,47 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from tl_plugin import TransferConfig  # noqa: E402
+from tl_plugin.app.errors import UsageError  # noqa: E402
 from tl_plugin.cli import main, parse_train_args  # noqa: E402
 
 
 def test_default_strategy_is_bottom_half_frozen():
-    _, transfer_args, training_args = parse_train_args([])
-    config = transfer_args.to_transfer_config()
-    assert config == TransferConfig(strategy="layers", freeze_bottom_blocks="half")
-    assert training_args.num_train_epochs == 2.0
-    assert training_args.output_dir.endswith("minilm-fine-food")
+    options = parse_train_args([])
+    assert options.transfer == TransferConfig(strategy="layers", freeze_bottom_blocks="half")
+    assert options.training.num_train_epochs == 2.0
+    assert options.training.output_dir.endswith("minilm-fine-food")
 
 
 def test_training_arguments_flags_are_accepted():
-    _, _, training_args = parse_train_args(["--learning_rate", "3e-5", "--num_train_epochs", "1", "--seed", "7"])
+    training_args = parse_train_args(["--learning_rate", "3e-5", "--num_train_epochs", "1", "--seed", "7"]).training
     assert training_args.learning_rate == 3e-5
     assert training_args.seed == 7
 
 
 def test_transfer_flags_build_the_config():
-    _, transfer_args, _ = parse_train_args(["--strategy", "partial", "--reinit_top_k", "2", "--lr_decay", "0.8"])
-    assert transfer_args.to_transfer_config() == TransferConfig(strategy="partial", reinit_top_k=2, lr_decay=0.8)
+    options = parse_train_args(["--strategy", "partial", "--reinit_top_k", "2", "--lr_decay", "0.8"])
+    assert options.transfer == TransferConfig(strategy="partial", reinit_top_k=2, lr_decay=0.8)
 
 
 def test_train_groups_flag_takes_several_selectors():
-    _, transfer_args, _ = parse_train_args(["--train_groups", "blocks[-2:]", "head"])
-    assert transfer_args.to_transfer_config().train_groups == ["blocks[-2:]", "head"]
+    options = parse_train_args(["--train_groups", "blocks[-2:]", "head"])
+    assert options.transfer.train_groups == ["blocks[-2:]", "head"]
 
 
 def test_transfer_config_file_is_used_as_is(tmp_path: Path):
     path = TransferConfig(strategy="full", lr_decay=0.9).save(tmp_path / "best.yaml")
-    _, transfer_args, _ = parse_train_args(["--transfer_config", str(path)])
-    assert transfer_args.to_transfer_config() == TransferConfig(strategy="full", lr_decay=0.9)
+    options = parse_train_args(["--transfer_config", str(path)])
+    assert options.transfer == TransferConfig(strategy="full", lr_decay=0.9)
 
 
 def test_bad_strategy_names_the_choices():
-    _, transfer_args, _ = parse_train_args(["--strategy", "most"])
-    with pytest.raises(ValueError, match="`strategy` must be one of 'full', 'partial', 'layers', got 'most'"):
-        transfer_args.to_transfer_config()
+    with pytest.raises(UsageError, match=r"--strategy: invalid choice: 'most' \(choose from 'full', 'partial', 'layers'\)"):
+        parse_train_args(["--strategy", "most"])
 
 
 def test_quick_mode_shrinks_the_run():
-    data_args, _, training_args = parse_train_args(["--quick"])
+    options = parse_train_args(["--quick"])
+    data_args, training_args = options.data, options.training
     assert (data_args.train_size, data_args.test_size, training_args.num_train_epochs) == (400, 200, 2.0)
     assert training_args.per_device_train_batch_size == 8
 
@@ -69,7 +69,7 @@ def test_help_explains_every_transfer_option(capsys):
 
 def test_unknown_command_exits_with_2(capsys):
     assert main(["frobnicate"]) == 2
-    assert "Unknown command 'frobnicate'" in capsys.readouterr().err
+    assert "unknown command 'frobnicate'" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")

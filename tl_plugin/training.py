@@ -79,6 +79,9 @@ def build_classification_run(
     callbacks: Sequence[Any] = (),
     activation_cache: bool = False,
     activation_cache_dir: str | os.PathLike[str] | None = None,
+    data_collator: Any = None,
+    compute_metrics: Any = None,
+    compute_loss_func: Any = None,
 ) -> ClassificationRun:
     """Build the `Trainer` of a transfer run on tokenized text classification data.
 
@@ -94,6 +97,9 @@ def build_classification_run(
         activation_cache (`bool`): train on cached frozen-prefix activations (`tl_plugin.cache`).
         activation_cache_dir (*optional*): where the cache's files go (default:
             `tl_plugin.cache.default_cache_dir`); trials of a search that share it share their caches.
+        data_collator (*optional*): the per-batch collator (default: padding with `tokenizer`).
+        compute_metrics (*optional*): the Trainer's ``compute_metrics`` (default: accuracy and binary F1).
+        compute_loss_func (*optional*): the Trainer's ``compute_loss_func`` (e.g. a class-weighted loss).
     """
     from transformers import Trainer
 
@@ -102,6 +108,8 @@ def build_classification_run(
 
     optimizer = create_optimizer(model, training_args, lr_decay=lr_decay, groups=groups)
     data: dict[str, Any] = {"train_dataset": train_dataset, "eval_dataset": eval_dataset}
+    if data_collator is not None:
+        data["data_collator"] = data_collator
     all_callbacks = list(callbacks)
     cache = None
     if activation_cache:
@@ -112,6 +120,7 @@ def build_classification_run(
             train_dataset,
             eval_dataset,
             tokenizer=tokenizer,
+            data_collator=data_collator,
             groups=groups,
             cache_dir=activation_cache_dir,
         )
@@ -126,7 +135,8 @@ def build_classification_run(
         model=model,
         args=training_args,
         processing_class=tokenizer,
-        compute_metrics=build_compute_metrics(("accuracy", "f1")),
+        compute_metrics=compute_metrics or build_compute_metrics(("accuracy", "f1")),
+        compute_loss_func=compute_loss_func,
         optimizers=(optimizer, None),
         callbacks=all_callbacks,
         **data,

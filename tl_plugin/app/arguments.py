@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -231,7 +232,8 @@ def _argparse_kwargs(name: str, annotation: Any) -> dict[str, Any]:
         return {"choices": STRATEGIES}
     if name == "freeze_bottom_blocks":
         return {"type": _int_or_half, "metavar": "N|half"}
-    args = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+    is_union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    args = [a for a in typing.get_args(annotation) if a is not type(None)] if is_union else [annotation]
     origins = {typing.get_origin(a) or a for a in args}
     if list in origins:  # list[str], or str | list[str]: one or more values
         return {"nargs": "+", "metavar": "SELECTOR"}
