@@ -10,29 +10,92 @@ import re
 
 import pytest
 import torch
-from tiny_models import TINY_MODEL_SPECS, build_lora_bert, build_tiny_bert, build_tiny_model
+from tiny_models import (
+    SEED,
+    TINY_MODEL_SPECS,
+    TinyModelSpec,
+    block_names,
+    build_lora_bert,
+    build_tiny_bert,
+    build_tiny_model,
+)
 from torch import nn
 
 from tl_plugin import LayerDiscoveryError, discover_layer_groups
 
-MATRIX = sorted(TINY_MODEL_SPECS)
+
+def _timm_importable() -> bool:
+    """`timm` imports (it needs torchvision; PyPI's CUDA-linked torchvision does not import beside a CPU torch)."""
+    try:
+        import timm  # noqa: F401
+    except (ImportError, RuntimeError):
+        return False
+    return True
+
+
+def _timm_wrapper(architecture: str) -> nn.Module:
+    from transformers import TimmWrapperConfig, TimmWrapperForImageClassification
+
+    return TimmWrapperForImageClassification(TimmWrapperConfig(architecture=architecture, num_labels=3))
+
+
+#: transformers' `TimmWrapperForImageClassification` around timm's tiny ``test_*`` architectures (random weights,
+#: no download). Its base model ``timm_model`` is the whole timm model, so the classifier (found through timm's
+#: ``get_classifier()``) lies inside the base model: ``head``, ``classifier`` or ``head.fc`` by architecture.
+TIMM_WRAPPER_SPECS: dict[str, TinyModelSpec] = {
+    "timm-wrapper-vit": TinyModelSpec(
+        lambda: _timm_wrapper("test_vit"),
+        ("embeddings", *block_names(6), "other", "head"),  # other: the final norm
+        (("timm_model.blocks", 6),),
+        ("timm_model.head",),
+    ),
+    "timm-wrapper-efficientnet": TinyModelSpec(
+        lambda: _timm_wrapper("test_efficientnet"),
+        ("embeddings", *block_names(5), "other", "head"),  # other: conv_head, bn2
+        (("timm_model.blocks", 5),),
+        ("timm_model.classifier",),
+    ),
+    "timm-wrapper-convnext": TinyModelSpec(
+        lambda: _timm_wrapper("test_convnext"),
+        ("embeddings", *block_names(4), "other", "head"),  # other: head.norm (only head.fc is the classifier)
+        (("timm_model.stages", 4),),
+        ("timm_model.head.fc",),
+    ),
+}
+SPECS = {**TINY_MODEL_SPECS, **TIMM_WRAPPER_SPECS}
+_NEEDS_TIMM = pytest.mark.skipif(not _timm_importable(), reason="timm does not import (it needs torchvision)")
+MATRIX = [
+    pytest.param(name, marks=_NEEDS_TIMM) if name in TIMM_WRAPPER_SPECS else name
+    for name in sorted(TINY_MODEL_SPECS) + sorted(TIMM_WRAPPER_SPECS)
+]
 
 
 def _inside(name: str, module_path: str) -> bool:
     return name == module_path or name.startswith(module_path + ".")
 
 
+class _Models(dict):
+    def __missing__(self, name: str) -> nn.Module:
+        if name in TINY_MODEL_SPECS:
+            model = build_tiny_model(name)
+        else:
+            torch.manual_seed(SEED)
+            model = SPECS[name].build().eval()
+        self[name] = model
+        return model
+
+
 @pytest.fixture(scope="module")
 def matrix_models():
-    """Every tiny model, built once for the whole module (the tests here only read them)."""
-    return {name: build_tiny_model(name) for name in MATRIX}
+    """Every matrix model, built once (on first use) for the whole module (the tests here only read them)."""
+    return _Models()
 
 
 # --------------------------------------------------------------------------------------------- the matrix
 @pytest.mark.parametrize("name", MATRIX)
 def test_group_names_and_count_are_as_expected(name, matrix_models):
     groups = discover_layer_groups(matrix_models[name])
-    spec = TINY_MODEL_SPECS[name]
+    spec = SPECS[name]
     assert groups.names == list(spec.group_names)
     assert len(groups) == spec.num_groups
     assert groups.num_blocks == spec.num_blocks
@@ -50,10 +113,10 @@ def test_every_parameter_is_in_exactly_one_group(name, matrix_models):
 @pytest.mark.parametrize("name", MATRIX)
 def test_blocks_are_numbered_in_stack_order_encoder_before_decoder(name, matrix_models):
     groups = discover_layer_groups(matrix_models[name])
-    expected = [(f"{stack}.{i}", stack) for stack, n in TINY_MODEL_SPECS[name].stacks for i in range(n)]
+    expected = [(f"{stack}.{i}", stack) for stack, n in SPECS[name].stacks for i in range(n)]
     assert [(b.module_name, b.stack) for b in groups.blocks] == expected
     assert [b.index for b in groups.blocks] == list(range(len(expected)))
-    assert list(groups.stacks) == [stack for stack, _ in TINY_MODEL_SPECS[name].stacks]
+    assert list(groups.stacks) == [stack for stack, _ in SPECS[name].stacks]
     for block in groups.blocks:
         assert block.param_names, f"{block.name} is empty"
         assert all(_inside(p, block.module_name) for p in block.param_names)
@@ -66,12 +129,65 @@ def test_the_head_is_exactly_the_newly_added_task_module(name, matrix_models):
     expected = [
         n
         for n, _ in model.named_parameters()
-        if any(_inside(n, m) for m in TINY_MODEL_SPECS[name].head_modules)
+        if any(_inside(n, m) for m in SPECS[name].head_modules)
     ]
     if expected:
         assert groups.get("head").param_names == tuple(expected)
     else:
         assert "head" not in groups.names
+
+
+@_NEEDS_TIMM
+def test_a_timm_wrapper_without_a_classifier_has_no_head():
+    from transformers import TimmWrapperConfig, TimmWrapperModel
+
+    model = TimmWrapperModel(TimmWrapperConfig(architecture="test_vit"))  # timm's head is an nn.Identity
+    groups = discover_layer_groups(model)
+    assert groups.names == ["embeddings", *block_names(6), "other"]
+
+
+class _TimmLikeNet(nn.Module):
+    """Stand-in with timm's layout and API (``blocks``, ``norm``, ``head``, ``get_classifier()``), not timm."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.patch_embed = nn.Linear(4, 8)
+        self.blocks = nn.Sequential(*(_Block() for _ in range(3)))
+        self.norm = nn.LayerNorm(8)
+        self.head = nn.Linear(8, num_classes) if num_classes else nn.Identity()
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+
+def _timm_wrapper_stand_in(num_labels: int) -> nn.Module:
+    """A `PreTrainedModel` laid out like `TimmWrapperForImageClassification` (``base_model_prefix="timm_model"``,
+    the classifier inside it), for machines where timm does not import (the real one is in the matrix above)."""
+    from transformers import PretrainedConfig, PreTrainedModel
+
+    class TimmWrapperStandIn(PreTrainedModel):
+        config_class = PretrainedConfig
+        base_model_prefix = "timm_model"
+
+        def __init__(self, config: PretrainedConfig):
+            super().__init__(config)
+            self.timm_model = _TimmLikeNet(config.num_labels)
+
+    return TimmWrapperStandIn(PretrainedConfig(num_labels=num_labels))
+
+
+def test_a_classifier_inside_the_base_model_reported_by_get_classifier_is_the_head():
+    groups = discover_layer_groups(_timm_wrapper_stand_in(num_labels=3))
+    assert groups.names == ["embeddings", *block_names(3), "other", "head"]
+    assert groups.get("head").param_names == ("timm_model.head.weight", "timm_model.head.bias")
+    assert groups.get("other").param_names == ("timm_model.norm.weight", "timm_model.norm.bias")
+    assert "head" not in discover_layer_groups(_timm_wrapper_stand_in(num_labels=0)).names  # an nn.Identity
+
+
+def test_a_head_override_wins_over_get_classifier():
+    groups = discover_layer_groups(_timm_wrapper_stand_in(num_labels=3), head=["timm_model.norm"])
+    assert groups.get("head").param_names == ("timm_model.norm.weight", "timm_model.norm.bias")
+    assert "timm_model.head.weight" in groups.get("other").param_names
 
 
 @pytest.mark.parametrize("name", ["gpt2-lm", "t5", "marian", "whisper"])

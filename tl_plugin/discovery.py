@@ -8,7 +8,9 @@ and sorts every parameter outside the blocks into one of:
 - ``embeddings``: the input stem — parameters registered before the first block, or whose module path contains
   ``embed`` (token/position/patch embeddings, a Whisper decoder's token embeddings, ...);
 - ``head``: the task head — for a `PreTrainedModel`, everything outside its base model (``classifier``,
-  ``score``, ``qa_outputs``, an untied ``lm_head``); otherwise modules named like a head;
+  ``score``, ``qa_outputs``, an untied ``lm_head``), plus a classifier that lives *inside* the base model and that
+  the base model reports through timm's ``get_classifier()`` (``TimmWrapperForImageClassification``: its base
+  model ``timm_model`` is the whole timm model, classifier included); otherwise modules named like a head;
 - ``other``: everything else (final norms, poolers, projections between stacks);
 - ``adapters``: parameters of PEFT adapters (LoRA, IA3, ...), which the freezing utilities never touch.
 
@@ -271,6 +273,28 @@ def _base_model_prefix(model: nn.Module) -> str | None:
     return None
 
 
+def _classifiers_inside_base(model: nn.Module, base_prefix: str) -> list[str]:
+    """Module paths of the task head(s) that a base model holds itself and reports with timm's ``get_classifier()``.
+
+    transformers' ``TimmWrapperForImageClassification`` has ``base_model_prefix = "timm_model"``, and
+    ``timm_model`` is the complete timm model, classifier included (``fc``, ``head``, ``head.fc``,
+    ``classifier``, depending on the architecture), so nothing lies outside the base model. timm models name their
+    classifier through ``get_classifier()`` (a module, or a tuple of modules for distilled models; an
+    ``nn.Identity`` without parameters when the model was built without a classifier, as ``TimmWrapperModel`` is).
+    """
+    modules = dict(model.named_modules())
+    get_classifier = getattr(modules.get(base_prefix), "get_classifier", None)
+    if not callable(get_classifier):
+        return []
+    found = get_classifier()
+    classifiers = [c for c in (found if isinstance(found, (tuple, list)) else (found,)) if isinstance(c, nn.Module)]
+    return [
+        path
+        for path, module in modules.items()
+        if _inside(path, base_prefix) and any(module is c for c in classifiers) and _has_parameters(module)
+    ]
+
+
 def _is_head_name(param_name: str, head: Sequence[str] | None) -> bool:
     if head is not None:
         return any(re.fullmatch(h, param_name) or _inside(param_name, h) for h in head)
@@ -330,6 +354,7 @@ def discover_layer_groups(
             index += 1
 
     base_prefix = _base_model_prefix(model)
+    inner_heads = _classifiers_inside_base(model, base_prefix) if head is None and base_prefix is not None else []
     buckets: dict[str, list[str]] = {"embeddings": [], "other": [], "head": [], "adapters": []}
     block_params: dict[int, list[str]] = {i: [] for i in range(index)}
     seen_block = False
@@ -340,7 +365,7 @@ def discover_layer_groups(
         elif owner is not None:
             block_params[block_of[owner][0]].append(name)
             seen_block = True
-        elif _is_head(name, base_prefix, head):
+        elif _is_head(name, base_prefix, head) or any(_inside(name, h) for h in inner_heads):
             buckets["head"].append(name)
         elif not seen_block or "embed" in name.lower():
             buckets["embeddings"].append(name)
