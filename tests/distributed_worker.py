@@ -2,7 +2,12 @@
 
 Each rank trains the same tiny BERT with the real `transformers.Trainer` under a named scenario, then writes
 ``rank<k>.json`` holding, per parameter *name*, a digest of its initial and final values and its final
-``requires_grad``. The parent test compares the ranks' files: the gloo exit abort that hits some 2-process runs
+``requires_grad``, plus what proves DDP: the class of `Trainer.model_wrapped` during training (DDP wraps the
+model), the digest of the rank's first training batch (the ranks got different shards) and the parallel mode.
+The ``no_ddp_*`` scenarios launch 2 processes that the Trainer does not wrap in DDP (``use_cpu=False`` on CPUs):
+a plain Trainer, which trains each rank alone (the negative control of the weight comparison), and runs that a
+tl_plugin callback or `TransferTrainer` must refuse; a rank that raised writes ``rank<k>.error.json``. The parent
+test compares the ranks' files: the gloo exit abort that hits some 2-process runs
 after training (``terminate called without an active exception``) cannot hide a real failure, because a rank
 that failed never writes its file. A rank that wrote its file leaves with `os._exit`, skipping the interpreter
 teardown where gloo aborts or (seen once) hangs.
@@ -108,6 +113,11 @@ def _scenarios(TransferConfig: Any) -> dict[str, Any]:  # noqa: N803 - a class p
     from tl_plugin.optim import TransferTrainer
 
     unused = {"ddp_find_unused_parameters": True}
+    # torchrun on CPUs without use_cpu: Accelerate finds no multi-process backend, parallel_mode is NOT_PARALLEL
+    # and the Trainer does not wrap the model in DDP. With ddp_backend="gloo" a process group exists and the data
+    # is split between the ranks (what the recipe did before it passed --use_cpu true); without, only WORLD_SIZE.
+    no_ddp = {"use_cpu": False, "ddp_backend": "gloo"}
+    no_ddp_no_group = {"use_cpu": False, "ddp_backend": None}
     return {
         "full": lambda m: ([TransferCallback(TransferConfig(strategy="full"))], {}, Trainer),
         "partial": lambda m: (
@@ -128,6 +138,15 @@ def _scenarios(TransferConfig: Any) -> dict[str, Any]:  # noqa: N803 - a class p
         ),
         "llrd": lambda m: ([LayerwiseLRDecayCallback(0.7)], {}, Trainer),
         "llrd_transfer_trainer": lambda m: ([LayerwiseLRDecayCallback(0.7)], {}, TransferTrainer),
+        # negative control: a plain Trainer with no tl_plugin callback bypasses the check and trains without DDP
+        "no_ddp_plain": lambda m: ([], no_ddp, Trainer),
+        # refused before the first step: by a callback (process group, split data) and by TransferTrainer alone
+        "no_ddp_gradual": lambda m: (
+            [GradualUnfreezingCallback(every_n_epochs=1)],
+            {**no_ddp, **unused},
+            Trainer,
+        ),
+        "no_ddp_transfer_trainer": lambda m: ([], no_ddp_no_group, TransferTrainer),
     }
 
 
@@ -188,6 +207,8 @@ def main() -> int:
     cached = options.scenario in CACHE_SCENARIOS
     model = tiny_bert(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0) if cached else tiny_bert()
     cache: Any = None
+    trainer: Any = None
+    seen: dict[str, Any] = {"steps": 0, "first_batch": None, "wrapped": None}
     try:
         if cached:
             trainer_kwargs, context, cache = build_cache_scenario(options.scenario, model, out / "cache")
@@ -197,10 +218,11 @@ def main() -> int:
             callbacks, extra_args, trainer_cls = build_scenario(options.scenario, model)
             trainer_kwargs = {"model": model, "train_dataset": RandomTokens(), "callbacks": callbacks}
             context = contextlib.nullcontext
+        arguments: dict[str, Any] = {"use_cpu": True, "ddp_backend": "gloo", **extra_args}
         args = TrainingArguments(
             output_dir=str(out / "trainer"), num_train_epochs=options.epochs, per_device_train_batch_size=8,
-            learning_rate=5e-3, max_grad_norm=1.0, report_to=[], save_strategy="no", use_cpu=True,
-            ddp_backend="gloo", disable_tqdm=True, seed=0, **extra_args,
+            learning_rate=5e-3, max_grad_norm=1.0, report_to=[], save_strategy="no", disable_tqdm=True, seed=0,
+            **arguments,
         )  # fmt: skip
         trainer = trainer_cls(args=args, **trainer_kwargs)
         start: dict[str, str] = {}
@@ -212,11 +234,38 @@ def main() -> int:
                 for name, param in kwargs["model"].named_parameters():
                     start[name] = digest(param)
 
+            def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+                # what the Trainer really trains: DDP(model) under DDP, the bare model otherwise
+                wrapped = type(trainer.model_wrapped)
+                seen["wrapped"] = f"{wrapped.__module__}.{wrapped.__qualname__}"
+
         trainer.add_callback(StartDigest())
+        training_step = trainer.training_step
+
+        def recording_step(model: Any, inputs: dict[str, Any], *rest: Any, **kwargs: Any) -> Any:
+            if seen["first_batch"] is None:  # which examples this rank got: ranks must get different shards
+                seen["first_batch"] = {k: digest(v) for k, v in inputs.items() if isinstance(v, torch.Tensor)}
+            seen["steps"] += 1
+            return training_step(model, inputs, *rest, **kwargs)
+
+        trainer.training_step = recording_step
         with context():
             trainer.train()
-    except Exception as err:  # the parent reads the error from the rank's file
+    except Exception as err:  # the parent reads the error from the rank's files
         (out / f"rank{rank}.error.txt").write_text(f"{type(err).__name__}: {err}")
+        (out / f"rank{rank}.error.json").write_text(
+            json.dumps(
+                {
+                    "type": type(err).__name__,
+                    "module": type(err).__module__,
+                    "message": str(err),
+                    "trainer_built": trainer is not None,
+                    "training_steps": seen["steps"],  # training_step calls before the error
+                    "world_size_env": os.environ.get("WORLD_SIZE"),
+                    "process_group": torch.distributed.is_initialized(),
+                }
+            )
+        )
         raise
     result = {
         "rank": rank,
@@ -225,6 +274,10 @@ def main() -> int:
         "final": {name: digest(p) for name, p in model.named_parameters()},
         "requires_grad": {name: p.requires_grad for name, p in model.named_parameters()},
         "global_step": trainer.state.global_step,
+        "parallel_mode": str(args.parallel_mode.value),
+        "wrapped": seen["wrapped"],
+        "first_batch": seen["first_batch"],
+        "training_steps": seen["steps"],
     }
     if cached:
         from safetensors.torch import save_file
