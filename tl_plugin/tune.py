@@ -316,6 +316,8 @@ class SearchSettings:
             --activation_cache``); trials with the same freeze boundary share one cache file.
         activation_cache_dir (`str`, *optional*): the cache directory, on a disk every trial sees (default:
             `tl_plugin.cache.default_cache_dir` on each node).
+        train_args (`list[str]`): the user's model / data / task options of ``tl-plugin train``
+            (``--train_file``, ``--task``, ``--text_column`` ...); empty: the bundled fine-food reviews.
     """
 
     num_blocks: int
@@ -330,9 +332,12 @@ class SearchSettings:
     eval_batch_size: int = 64
     activation_cache: bool = False
     activation_cache_dir: str | None = None
+    train_args: list[str] = dataclasses.field(default_factory=list)
 
     def __post_init__(self) -> None:
         _check_num_blocks(self.num_blocks)
+        if not isinstance(self.train_args, list) or not all(isinstance(a, str) for a in self.train_args):
+            raise ValueError(f"`train_args` must be a list of strings, got {self.train_args!r}.")
         if self.mode not in ("max", "min"):
             raise ValueError(f"`mode` must be 'max' or 'min', got {self.mode!r}.")
         if not self.metric.startswith("eval_"):
@@ -387,7 +392,7 @@ def trial_training_arguments(
     """`TrainingArguments` of a trial: ``tl-plugin train``'s defaults, the trial's lr, no checkpoints."""
     from transformers import TrainingArguments
 
-    from .cli import TRAINING_DEFAULTS
+    from .app.arguments import TRAINING_DEFAULTS
 
     values = {
         **TRAINING_DEFAULTS,
@@ -454,48 +459,59 @@ class TuneReportCallback(TrainerCallback):
         ray.tune.report(report)
 
 
-def _run_training(config: Mapping[str, Any], settings: SearchSettings, callbacks: Sequence[Any]) -> Any:
-    """Train one configuration like ``tl-plugin train`` does; returns the trainer after training."""
-    import datasets
+def trial_command_line(config: Mapping[str, Any], settings: SearchSettings, output_dir: str) -> list[str]:
+    """The ``tl-plugin train`` options of a trial (without the transfer config, which is passed as an object):
+    the user's data options, the search's settings and the sampled learning rate; no checkpoints, no reports."""
     import torch
-    import transformers
-    from transformers import AutoTokenizer, PrinterCallback
 
-    from .data import LABEL_NAMES, load_fine_food_reviews, tokenize_dataset
-    from .discovery import discover_layer_groups
-    from .training import build_classification_run
-    from .transfer import apply_transfer
+    argv = [
+        *settings.train_args,
+        "--train_size", str(settings.train_size),
+        "--test_size", "1",
+        "--max_length", str(settings.max_length),
+        "--learning_rate", repr(float(config["learning_rate"])),
+        "--num_train_epochs", str(settings.max_epochs),
+        "--seed", str(settings.seed),
+        "--per_device_train_batch_size", str(settings.train_batch_size),
+        "--per_device_eval_batch_size", str(settings.eval_batch_size),
+        "--eval_strategy", "epoch",
+        "--save_strategy", "no",
+        "--disable_tqdm", "true",
+        "--report_to", "none",
+        "--output_dir", output_dir,
+        "--use_cpu", str(not torch.cuda.is_available()).lower(),
+    ]  # fmt: skip
+    if settings.model_path:
+        argv += ["--model_name_or_path", settings.model_path]
+    if settings.activation_cache:
+        argv += ["--activation_cache", "true"]
+        if settings.activation_cache_dir:
+            argv += ["--activation_cache_dir", settings.activation_cache_dir]
+    return argv
+
+
+def _run_training(config: Mapping[str, Any], settings: SearchSettings, callbacks: Sequence[Any]) -> Any:
+    """Train one configuration like ``tl-plugin train`` does (the same preparation and Trainer); returns the
+    trainer after training."""
+    import datasets
+    import transformers
+    from transformers import PrinterCallback
+
+    from .app.train import build_run, class_weight_loss, parse_train_args, prepare_run
 
     # Keep the trial logs readable: no progress bars, no load reports (Tune reports the metrics).
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     datasets.disable_progress_bars()
-    transfer_config = transfer_config_from_trial(config, seed=settings.seed)
-    model_path = _resolve_model_path(settings.model_path)
-    dataset = load_fine_food_reviews(train_size=settings.train_size, test_size=1, seed=42)
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    tokenized = tokenize_dataset(dataset, tokenizer, max_length=settings.max_length)
-    model = _build_model(model_path, len(LABEL_NAMES), settings.seed)
-    groups = discover_layer_groups(model, blocks=transfer_config.blocks, head=transfer_config.head)
-    report = apply_transfer(model, transfer_config, groups)
     output_dir = tempfile.mkdtemp(prefix="tl-trial-")
     run = None
     try:
-        args = trial_training_arguments(
-            settings, float(config["learning_rate"]), output_dir, use_cpu=not torch.cuda.is_available()
-        )
-        run = build_classification_run(
-            model,
-            tokenizer,
-            tokenized["train"],
-            tokenized["validation"],
-            args,
-            groups=groups,
-            lr_decay=transfer_config.lr_decay,
-            callbacks=[*_extra_callbacks(config, len(report.trainable_groups)), *callbacks],
-            activation_cache=settings.activation_cache,
-            activation_cache_dir=settings.activation_cache_dir,
-        )
+        options = parse_train_args(trial_command_line(config, settings, output_dir))
+        options.transfer = transfer_config_from_trial(config, seed=settings.seed)
+        prepared = prepare_run(options)
+        extra = _extra_callbacks(config, len(prepared.trainable.trainable_groups))
+        loss = class_weight_loss(options.data.class_weights, prepared)
+        run = build_run(options, prepared, loss, callbacks=[*extra, *callbacks])
         trainer = run.trainer
         trainer.remove_callback(PrinterCallback)  # prints every log dict when tqdm is off
         trainer.train()
@@ -999,6 +1015,7 @@ def final_command(
     command = [
         "tl-plugin",
         "train",
+        *settings.train_args,
         "--transfer_config",
         str(transfer_config_path),
         "--learning_rate",
@@ -1007,8 +1024,7 @@ def final_command(
         str(settings.max_epochs),
         "--seed",
         str(settings.seed),
-        "--train_size",
-        str(settings.train_size),
+        *([] if settings.train_args else ["--train_size", str(settings.train_size)]),  # the demo's size
         "--max_length",
         str(settings.max_length),
         "--per_device_train_batch_size",

@@ -259,7 +259,8 @@ def add_transfer_arguments(parser: argparse.ArgumentParser) -> None:
     for spec in dataclasses.fields(TransferConfig):
         if spec.name in _NOT_FLAGS:
             continue
-        library_default = spec.default if spec.default is not dataclasses.MISSING else spec.default_factory()  # type: ignore[misc]
+        factory: Any = spec.default_factory
+        library_default = spec.default if spec.default is not dataclasses.MISSING else factory()
         help_text = spec.metadata.get("help", "")
         if spec.name in CLI_TRANSFER_DEFAULTS:
             help_text += f" Default here: {CLI_TRANSFER_DEFAULTS[spec.name][1]}."

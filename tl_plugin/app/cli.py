@@ -32,15 +32,16 @@ def _train(argv: list[str]) -> object:
 
 
 def _search(argv: list[str]) -> object:
-    from .search import run_search
+    from .search import main as search_main
 
-    return run_search(argv)
+    return search_main(argv)
 
 
 def _groups(argv: list[str]) -> object:
     from .groups import run_groups
 
-    return run_groups(argv)
+    run_groups(argv)
+    return 0
 
 
 COMMANDS: dict[str, Command] = {
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tl-plugin: unknown command {name!r}{hint}\n\n{usage()}", file=sys.stderr)
         return 2
     try:
-        command.run(rest)
+        result = command.run(rest)
     except UsageError as err:
         if debug:
             traceback.print_exc()
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except SystemExit as exit_:  # --help
         return int(exit_.code or 0) if not isinstance(exit_.code, str) else 2
-    return 0
+    return result if isinstance(result, int) else 0
 
 
 if __name__ == "__main__":

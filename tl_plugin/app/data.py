@@ -21,7 +21,8 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from datasets import ClassLabel, Dataset, DatasetDict, Sequence as SequenceFeature, Value
+from datasets import ClassLabel, Dataset, DatasetDict
+from datasets import Sequence as SequenceFeature
 
 from .errors import DataError
 
@@ -108,6 +109,8 @@ def _load_files(files: dict[str, tuple[str, str]], encoding: str) -> DatasetDict
         try:
             loaded = load_dataset(builder, data_files={"data": path}, split="data", **_builder_kwargs(builder, [path], encoding))
         except Exception as err:  # noqa: BLE001  (every reader error becomes one line naming the file)
+            if "corresponds to no data" in str(err):  # a CSV with a header only, an empty JSONL file
+                raise DataError(f"the {split} split is empty (--{flag} {path} has no rows)") from err
             raise _explain_load_error(err, flag, path, encoding) from err
         splits[split] = loaded
     return DatasetDict(splits)
@@ -141,6 +144,10 @@ def _load_folders(folders: dict[str, tuple[str, str]]) -> DatasetDict:
     if len(kinds) > 1:
         raise DataError(f"the folders mix images and audio: {', '.join(p for _, p in folders.values())}")
     builder = kinds.pop()
+    if builder == "audiofolder":  # datasets' audiofolder needs torchcodec (and FFmpeg) even to list the files
+        from .tasks.audio import load_audio_folders
+
+        return load_audio_folders(folders)
     try:
         loaded = load_dataset(builder, data_files=data_files)
     except Exception as err:  # noqa: BLE001
@@ -358,7 +365,7 @@ def encode_sequence_labels(data: DatasetDict, column: str, names: list[str], mul
     index = {n: i for i, n in enumerate(names)}
 
     def encode(batch: dict[str, list[Any]], feature: Any) -> dict[str, list[Any]]:
-        out = []
+        out: list[Any] = []
         for value in batch[column]:
             if multi:
                 hot = [0.0] * len(names)

@@ -13,7 +13,7 @@ import numpy as np
 __all__ = ["classification_report", "format_per_class", "multi_label_report", "plot_confusion_matrix"]
 
 
-def classification_report(y_true: Sequence[int], y_pred: Sequence[int], names: Sequence[str]) -> dict[str, Any]:
+def classification_report(y_true: Any, y_pred: Any, names: Sequence[str]) -> dict[str, Any]:
     """Accuracy, macro-F1, the majority-class baseline, per-class precision / recall / F1 / support and the
     confusion matrix (rows: true labels, columns: predictions), as plain JSON-safe values.
 

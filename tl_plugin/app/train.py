@@ -29,7 +29,7 @@ from .errors import DataError, UsageError
 from .parser import CommandParser
 from .tasks import Columns, LabelInfo, Task, get_task, infer_task
 
-__all__ = ["PreparedRun", "TrainOptions", "build_train_parser", "parse_train_args", "prepare_run", "run_train"]
+__all__ = ["PreparedRun", "TrainOptions", "build_run", "build_train_parser", "class_weight_loss", "parse_train_args", "prepare_run", "run_train"]
 
 DESCRIPTION = (
     "Fine-tune a local pretrained model on your data with a transfer strategy, offline. Without data options: the "
@@ -135,7 +135,7 @@ def load_task_data(data_args: DataArguments, seed: int) -> tuple[Task, Columns, 
     return task, columns, labels, raw, demo
 
 
-def prepare_run(options: TrainOptions, *, verbose: bool = True) -> PreparedRun:
+def prepare_run(options: TrainOptions) -> PreparedRun:
     """Load and check the data, build the model and apply the transfer config (no training yet)."""
     from transformers import set_seed
 
@@ -164,7 +164,7 @@ def prepare_run(options: TrainOptions, *, verbose: bool = True) -> PreparedRun:
 
 
 # ------------------------------------------------------------------------------------------------- class weights
-def _class_weight_loss(spec: str, prepared: PreparedRun) -> Any:
+def class_weight_loss(spec: str, prepared: PreparedRun) -> Any:
     """``--class_weights``: `None`, or a `tl_plugin.losses.WeightedCrossEntropyLoss`."""
     from ..losses import WeightedCrossEntropyLoss, class_weights_from_labels
 
@@ -173,6 +173,7 @@ def _class_weight_loss(spec: str, prepared: PreparedRun) -> Any:
     names = prepared.labels.names
     if prepared.labels.multi_label:
         raise UsageError("--class_weights applies to single-label data; these labels are lists (multi-label)")
+    weights: Any
     if spec == "auto":
         flat = [
             label
@@ -232,7 +233,7 @@ def run_train(argv: list[str]) -> dict[str, Any]:
     prepared = prepare_run(options)
     training_args = options.training
     is_main = training_args.process_index == 0
-    loss = _class_weight_loss(options.data.class_weights, prepared)
+    loss = class_weight_loss(options.data.class_weights, prepared)
     _distributed_check(training_args)
     if is_main:
         print_plan(options, prepared)
@@ -240,26 +241,35 @@ def run_train(argv: list[str]) -> dict[str, Any]:
     return metrics
 
 
-def train_prepared(options: TrainOptions, prepared: PreparedRun, loss: Any, started: float) -> dict[str, Any]:
+def build_run(options: TrainOptions, prepared: PreparedRun, loss: Any = None, callbacks: Any = ()) -> Any:
+    """The `tl_plugin.training.ClassificationRun` (Trainer, optional activation cache) of a prepared run; shared by
+    ``tl-plugin train`` and the trials of ``tl-plugin search``."""
     from ..training import build_classification_run
 
-    data_args, training_args = options.data, options.training
-    is_main = training_args.process_index == 0
     task = prepared.task
-    run = build_classification_run(
+    return build_classification_run(
         prepared.model,
         prepared.processor,
         prepared.processed["train"],
         prepared.processed["validation"],
-        training_args,
+        options.training,
         groups=prepared.groups,
         lr_decay=options.transfer.lr_decay,
-        activation_cache=data_args.activation_cache,
-        activation_cache_dir=data_args.activation_cache_dir,
+        callbacks=callbacks,
+        activation_cache=options.data.activation_cache,
+        activation_cache_dir=options.data.activation_cache_dir,
         data_collator=task.data_collator(prepared.processor),
         compute_metrics=task.compute_metrics(prepared.labels),
         compute_loss_func=loss,
     )
+
+
+def train_prepared(options: TrainOptions, prepared: PreparedRun, loss: Any, started: float) -> dict[str, Any]:
+    """Train a prepared run, report on its report split and (main process) write the outputs."""
+    data_args, training_args = options.data, options.training
+    is_main = training_args.process_index == 0
+    task = prepared.task
+    run = build_run(options, prepared, loss)
     split = prepared.report_split
     report_dataset = run.evaluation_dataset(prepared.processed[split], split)
     if is_main and run.cache is not None:

@@ -24,7 +24,8 @@ _INFERENCE_ORDER = ("image-classification", "audio-classification", "token-class
 
 def _task_class(name: str) -> type[Task]:
     module, _, cls = TASK_CLASSES[name].partition(":")
-    return getattr(importlib.import_module(module), cls)  # type: ignore[no-any-return]
+    task_class: type[Task] = getattr(importlib.import_module(module), cls)
+    return task_class
 
 
 def get_task(name: str) -> Task:
