@@ -95,7 +95,9 @@ def test_csv_with_string_labels_trains_reports_per_class_and_saves_id2label(tmp_
     config = json.loads((out / "final" / "config.json").read_text())
     assert config["id2label"] == {"0": "politics", "1": "science", "2": "sports"}
     printed = capsys.readouterr().out
-    assert "test accuracy" in printed and "politics" in printed and "precision" in printed
+    assert "test accuracy" in printed
+    assert "politics" in printed
+    assert "precision" in printed
 
 
 def test_integer_labels_jsonl_pairs_and_no_test_file_report_on_validation(tmp_path, tiny_model):
@@ -107,7 +109,8 @@ def test_integer_labels_jsonl_pairs_and_no_test_file_report_on_validation(tmp_pa
     assert code == 0
     assert metrics["report_split"] == "validation"
     assert metrics["labels"] == ["0", "1"]
-    assert "validation_accuracy" in metrics and "validation_f1" in metrics
+    assert "validation_accuracy" in metrics
+    assert "validation_f1" in metrics
 
 
 def test_parquet_and_validation_file(tmp_path, tiny_model):
@@ -152,7 +155,8 @@ def test_class_weights_auto_uses_the_weighted_loss(tmp_path, tiny_model):
     rows = [r for i, r in enumerate(rows) if r["label"] == "sports" or i % 5 == 0]  # imbalanced
     code, metrics = train(tmp_path, tiny_model, "--train_file", str(write_csv(tmp_path / "t.csv", rows)),
                           "--class_weights", "auto")  # fmt: skip
-    assert code == 0 and metrics["class_weights"] == "auto"
+    assert code == 0
+    assert metrics["class_weights"] == "auto"
 
 
 def test_batches_are_padded_per_batch_not_to_max_length(tmp_path, tiny_model):
@@ -195,7 +199,8 @@ def _bad(tmp_path, tiny_model, capsys, *args: str) -> str:
 
 def test_missing_file_is_named(tmp_path, tiny_model, capsys):
     err = _bad(tmp_path, tiny_model, capsys, "--train_file", str(tmp_path / "nope.csv"))
-    assert "--train_file: no such file" in err and "nope.csv" in err
+    assert "--train_file: no such file" in err
+    assert "nope.csv" in err
 
 
 def test_folder_as_file_and_unknown_extension(tmp_path, tiny_model, capsys):
@@ -207,7 +212,8 @@ def test_folder_as_file_and_unknown_extension(tmp_path, tiny_model, capsys):
 def test_unknown_column_lists_the_columns(tmp_path, tiny_model, capsys):
     train_file = write_csv(tmp_path / "t.csv", articles(4))
     err = _bad(tmp_path, tiny_model, capsys, "--train_file", str(train_file), "--text_column", "body")
-    assert "--text_column 'body' is not a column" in err and "['text', 'label']" in err
+    assert "--text_column 'body' is not a column" in err
+    assert "['text', 'label']" in err
 
 
 def test_undetectable_columns_ask_for_the_flag(tmp_path, tiny_model, capsys):
@@ -225,7 +231,8 @@ def test_label_in_test_that_train_lacks(tmp_path, tiny_model, capsys):
     train_file = write_csv(tmp_path / "t.csv", articles(4, classes=("sports", "science")))
     test_file = write_csv(tmp_path / "test.csv", articles(1))
     err = _bad(tmp_path, tiny_model, capsys, "--train_file", str(train_file), "--test_file", str(test_file))
-    assert "label 'politics'" in err and "test split does not occur in train" in err
+    assert "label 'politics'" in err
+    assert "test split does not occur in train" in err
 
 
 def test_single_class_in_train(tmp_path, tiny_model, capsys):
@@ -239,7 +246,8 @@ def test_empty_texts_are_counted_and_drop_empty_skips_them(tmp_path, tiny_model,
     rows[7]["text"] = "   "
     train_file = write_csv(tmp_path / "t.csv", rows)
     err = _bad(tmp_path, tiny_model, capsys, "--train_file", str(train_file), "--validation_split", "0.5")
-    assert "empty or null values in column 'text'" in err and "--drop_empty" in err
+    assert "empty or null values in column 'text'" in err
+    assert "--drop_empty" in err
     code, _ = train(tmp_path, tiny_model, "--train_file", str(train_file), "--drop_empty", "true")
     assert code == 0
     assert "--drop_empty: skipped" in capsys.readouterr().out
@@ -249,7 +257,8 @@ def test_non_utf8_csv_names_the_encoding_option(tmp_path, tiny_model, capsys):
     rows = [{"text": r["text"] + " café", "label": r["label"]} for r in articles(6)]
     train_file = write_csv(tmp_path / "t.csv", rows, encoding="latin-1")
     err = _bad(tmp_path, tiny_model, capsys, "--train_file", str(train_file))
-    assert "is not utf-8 text" in err and "--encoding latin-1" in err
+    assert "is not utf-8 text" in err
+    assert "--encoding latin-1" in err
     code, _ = train(tmp_path, tiny_model, "--train_file", str(train_file), "--encoding", "latin-1")
     assert code == 0
 
@@ -265,8 +274,9 @@ def test_missing_model_folder_is_named_before_the_data_is_read(tmp_path, capsys)
 
 
 def test_head_of_another_size_is_reinitialised_with_a_notice(tmp_path, capsys):
-    from tl_plugin.tune import save_tiny_bert
     from transformers import AutoConfig
+
+    from tl_plugin.tune import save_tiny_bert
 
     path = tmp_path / "three-labels"
     save_tiny_bert(path)
