@@ -77,7 +77,7 @@ def _search_args(tiny_model_dir: str, output_dir: Path, *extra: str):
     recipe = _load_recipe("tune_search")
     return recipe.build_parser().parse_args(
         [
-            "--model-path", tiny_model_dir,
+            "--model_name_or_path", tiny_model_dir,
             "--output-dir", str(output_dir),
             "--train-size", "64",
             "--metric", "eval_loss",
@@ -220,9 +220,9 @@ def test_results_table_csv_plot_and_best_config(tmp_path):
 
     from tl_plugin.cli import parse_train_args
 
-    _, transfer_args, training_args = parse_train_args(command[2:])
-    assert transfer_args.to_transfer_config() == TransferConfig(strategy="layers", freeze_bottom_blocks=2)
-    assert (training_args.learning_rate, training_args.num_train_epochs) == (1e-4, 2.0)
+    options = parse_train_args(command[2:])
+    assert options.transfer == TransferConfig(strategy="layers", freeze_bottom_blocks=2)
+    assert (options.training.learning_rate, options.training.num_train_epochs) == (1e-4, 2.0)
 
 
 # ---------------------------------------------------------------------------------------------- real local Ray
