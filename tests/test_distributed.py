@@ -55,7 +55,7 @@ def launch(scenario: str, out: Path, epochs: int = 3) -> tuple[subprocess.Comple
         "PYTHONPATH": str(WORKER.parent.parent),
     }
     proc = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, check=False)
-    results = [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
+    results = [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json")) if ".error" not in p.name]
     return proc, results
 
 
@@ -73,9 +73,9 @@ def assert_real_ddp(results: list[dict]) -> None:
     """Both ranks trained a DistributedDataParallel model (parallel mode ``distributed``), on different batches."""
     assert [r["rank"] for r in results] == [0, 1]
     for result in results:
+        assert result["wrapped"] == DDP_CLASS, f"rank {result['rank']} trained a {result['wrapped']}, not DDP"
         assert result["world_size"] == 2, result["world_size"]
         assert result["parallel_mode"] == "distributed", result["parallel_mode"]
-        assert result["wrapped"] == DDP_CLASS, f"rank {result['rank']} trained a {result['wrapped']}, not DDP"
         assert result["training_steps"] > 0
     assert results[0]["first_batch"] != results[1]["first_batch"], (
         "both ranks got the same batch: no data split"

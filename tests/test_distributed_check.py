@@ -251,3 +251,42 @@ def test_a_plain_trainer_without_tl_callbacks_is_not_checked(tmp_path: Path, mon
     args = cpu_args(tmp_path)
     monkeypatch.setenv("WORLD_SIZE", "2")
     Trainer(model=tiny_bert(), args=args, train_dataset=RandomTokens())
+
+
+def test_the_module_docstring_examples_run():
+    import doctest
+
+    import tl_plugin.distributed
+
+    result = doctest.testmod(tl_plugin.distributed, verbose=False, report=True)
+    assert result.attempted > 0
+    assert result.failed == 0
+
+
+# ------------------------------------------------------------------------------------------------- the recipe
+def _recipe() -> object:
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "recipes" / "accelerate_finetune.py"
+    spec = importlib.util.spec_from_file_location("accelerate_finetune", path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_recipe_makes_cpu_runs_ddp_unless_told_otherwise():
+    cpu_defaults = _recipe().cpu_defaults  # type: ignore[attr-defined]
+    assert cpu_defaults(["--quick"], cuda_available=False) == [
+        "--quick", "--use_cpu", "true", "--ddp_backend", "gloo",
+    ]  # fmt: skip
+    assert cpu_defaults(["--quick"], cuda_available=True) == ["--quick"]  # GPUs: NCCL, as Accelerate picks
+    assert cpu_defaults(["--use_cpu", "false", "--ddp_backend=mpi"], cuda_available=False) == [
+        "--use_cpu", "false", "--ddp_backend=mpi",
+    ]  # fmt: skip
+    assert cpu_defaults(["--use_cpu=true"], cuda_available=False) == [
+        "--use_cpu=true",
+        "--ddp_backend",
+        "gloo",
+    ]
