@@ -138,6 +138,22 @@ def test_saved_dataset_dir_keeps_classlabel_names(tmp_path, tiny_model):
     assert metrics["labels"] == ["neg", "pos"]
 
 
+def test_local_dataset_folder_is_read_by_load_dataset_offline(tmp_path, tiny_model):
+    folder = tmp_path / "my-dataset"
+    folder.mkdir()
+    write_csv(folder / "train.csv", articles(8))
+    write_csv(folder / "test.csv", articles(2, seed=5))
+    code, metrics = train(tmp_path, tiny_model, "--dataset_name", str(folder))
+    assert code == 0
+    assert (metrics["report_split"], metrics["test_examples"]) == ("test", 6)
+    assert metrics["train_examples"] + metrics["validation_examples"] == 24
+
+
+def test_missing_local_dataset_name_says_it_reads_local_folders(tmp_path, tiny_model, capsys):
+    err = _bad(tmp_path, tiny_model, capsys, "--dataset_name", "imdb")
+    assert "--dataset_name: no such local data set 'imdb'" in err
+
+
 def test_multi_label_lists_train_with_sigmoid_outputs(tmp_path, tiny_model):
     rows = [{"text": r["text"], "labels": [r["label"], "news"] if i % 2 else [r["label"]]}
             for i, r in enumerate(articles(10))]  # fmt: skip

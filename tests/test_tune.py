@@ -519,3 +519,39 @@ def test_search_with_the_activation_cache_shares_files_per_boundary_and_reproduc
     reproduced = _final_epoch_eval(Path(command[command.index("--output_dir") + 1]), "eval_loss")
     assert math.isclose(reproduced, summary["best"]["value"], rel_tol=0, abs_tol=2e-3)
     assert len([p for p in cache_dir.iterdir() if p.is_dir()]) == 2 * len(boundaries) + 1  # + the test split
+
+
+@pytest.mark.ray
+def test_search_on_your_own_csv_prints_a_final_command_with_your_data_that_reproduces(
+    ray_env, tiny_model_dir, tmp_path
+):
+    """``tl-plugin search --train_file ...``: the trials train on the user's CSV (their label names, their
+    columns), and the printed ``tl-plugin train`` command carries the data options and reproduces the best trial."""
+    import csv
+
+    from tl_plugin.cli import main as tl_plugin_main
+
+    data = tmp_path / "reviews.csv"
+    with open(data, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["body", "verdict"])
+        for i in range(60):
+            writer.writerow([f"{'lovely tasty fresh' if i % 3 else 'stale bland awful'} snack {i}",
+                             "keep" if i % 3 else "return"])  # fmt: skip
+    out = tmp_path / "search"
+    code = tl_plugin_main(
+        ["search", "--train_file", str(data), "--text_column", "body", "--label_column", "verdict",
+         "--model_name_or_path", tiny_model_dir, "--num_samples", "2", "--max_epochs", "1", "--max_concurrent", "1",
+         "--metric", "eval_loss", "--mode", "min", "--output_dir", str(out), "--quiet_workers", "--verbose", "0"]
+    )  # fmt: skip
+    assert code == 0
+    best = json.loads((out / "best_training_args.json").read_text())
+    command = shlex.split(best["command"])
+    assert command[command.index("--train_file") + 1] == str(data.resolve())
+    assert command[command.index("--text_column") + 1] == "body"
+    assert "--train_size" not in command  # the demo's option is not carried into an own-data command
+    assert tl_plugin_main(command[1:]) == 0
+    final = Path(command[command.index("--output_dir") + 1])
+    assert json.loads((final / "metrics.json").read_text())["labels"] == ["keep", "return"]
+    reproduced = _final_epoch_eval(final, "eval_loss")
+    assert math.isclose(reproduced, best["value"], rel_tol=0, abs_tol=2e-3)

@@ -57,6 +57,10 @@ def build_train_parser(prog: str = "tl-plugin train", description: str = DESCRIP
     defaults = dict(TRAINING_DEFAULTS)
     if not torch.cuda.is_available():
         defaults["dataloader_pin_memory"] = False  # pinning needs an accelerator: no warning on a CPU machine
+        if not torch.backends.mps.is_available():
+            # without an accelerator, `torchrun` / `accelerate launch` of this command then run real DDP over gloo
+            # (without use_cpu the Trainer would not wrap the model, and each rank would train alone)
+            defaults["use_cpu"] = True
     parser.set_defaults(**defaults)
     add_transfer_arguments(parser)
     return parser
@@ -277,6 +281,7 @@ def train_prepared(options: TrainOptions, prepared: PreparedRun, loss: Any, star
     trainer = run.trainer
     try:
         train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+        distributed = ranks_in_sync(trainer)
         prediction = trainer.predict(report_dataset, metric_key_prefix=split)
     finally:
         run.close()  # the model's own forwards again, also when training fails (it is saved below)
@@ -291,8 +296,7 @@ def train_prepared(options: TrainOptions, prepared: PreparedRun, loss: Any, star
         "train_loss": train_result.training_loss,
         "train_runtime_s": train_result.metrics.get("train_runtime"),
         "total_runtime_s": round(time.perf_counter() - started, 1),
-        "train_examples": prepared.raw["train"].num_rows,
-        f"{split}_examples": prepared.raw[split].num_rows,
+        **{f"{name}_examples": prepared.raw[name].num_rows for name in prepared.raw},
         "from_scratch": options.model.from_scratch,
         "model": prepared.model_path,
         "class_weights": data_args.class_weights,
@@ -304,10 +308,40 @@ def train_prepared(options: TrainOptions, prepared: PreparedRun, loss: Any, star
             metrics[key] = report[key]
     if run.cache is not None:
         metrics["activation_cache"] = run.cache_summary()
+    if distributed is not None:
+        metrics["distributed"] = distributed
     if is_main:
         _write_outputs(trainer, prepared, options.transfer, metrics, out)
         _print_summary(task, metrics, report, out)
     return metrics
+
+
+def ranks_in_sync(trainer: Any) -> dict[str, Any] | None:
+    """In a multi-process run: how the model was wrapped and whether every rank ended with the same weights
+    (a SHA-256 of each rank's state dict, gathered); `None` in a single process. Ranks that differ mean the
+    gradients were not synchronised: a warning says so, and ``metrics.json`` records it."""
+    import hashlib
+
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return None
+    digest = hashlib.sha256()
+    for name, tensor in sorted(trainer.model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    digests: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(digests, digest.hexdigest())
+    identical = len(set(digests)) == 1
+    if not identical and dist.get_rank() == 0:
+        print(f"WARNING: the {len(digests)} ranks ended with different weights: the run was not synchronised")
+    return {
+        "world_size": dist.get_world_size(),
+        "backend": str(dist.get_backend()),
+        "wrapped_in": type(trainer.model_wrapped).__name__,
+        "ranks_identical": identical,
+    }
 
 
 def _write_outputs(trainer: Any, prepared: PreparedRun, transfer: TransferConfig, metrics: dict[str, Any], out: Path) -> None:
