@@ -154,6 +154,19 @@ def test_missing_local_dataset_name_says_it_reads_local_folders(tmp_path, tiny_m
     assert "--dataset_name: no such local data set 'imdb'" in err
 
 
+def test_label_order_sets_the_id_order_and_must_name_every_label(tmp_path, tiny_model, capsys):
+    train_file = write_csv(tmp_path / "t.csv", articles(6))
+    code, metrics = train(tmp_path, tiny_model, "--train_file", str(train_file),
+                          "--label_order", "sports,politics,science")  # fmt: skip
+    assert code == 0
+    assert metrics["labels"] == ["sports", "politics", "science"]
+    config = json.loads((tmp_path / "run" / "final" / "config.json").read_text())
+    assert config["id2label"] == {"0": "sports", "1": "politics", "2": "science"}
+    err = _bad(tmp_path, tiny_model, capsys, "--train_file", str(train_file), "--label_order", "sports,politics")
+    assert "must list every label of the data once" in err
+    assert "['politics', 'science', 'sports']" in err
+
+
 def test_multi_label_lists_train_with_sigmoid_outputs(tmp_path, tiny_model):
     rows = [{"text": r["text"], "labels": [r["label"], "news"] if i % 2 else [r["label"]]}
             for i, r in enumerate(articles(10))]  # fmt: skip

@@ -118,6 +118,13 @@ class DataArguments:
     label_column: str | None = field(
         default=None, metadata={"help": "Label column (default: detected: label, labels, ...)."}
     )
+    label_order: str | None = field(
+        default=None,
+        metadata={
+            "help": "The labels in id order, comma-separated, e.g. negative,neutral,positive (default: sorted; a "
+            "ClassLabel column keeps its own order). Every label of the data, once."
+        },
+    )
     image_column: str | None = field(default=None, metadata={"help": "Image column (default: detected)."})
     audio_column: str | None = field(default=None, metadata={"help": "Audio column (default: detected)."})
     validation_split: float = field(

@@ -136,7 +136,19 @@ def load_task_data(data_args: DataArguments, seed: int) -> tuple[Task, Columns, 
     if not demo:
         raw = add_validation_split(raw, data_args, seed, _stratify_key(columns.label))
     labels = task.label_info(raw, columns)
+    if data_args.label_order:
+        labels.names = _ordered_label_names(data_args.label_order, labels.names)
     return task, columns, labels, raw, demo
+
+
+def _ordered_label_names(given: str, found: list[str]) -> list[str]:
+    """``--label_order``: the data's labels in the order the user gave."""
+    wanted = [name.strip() for name in given.split(",") if name.strip()]
+    if len(set(wanted)) != len(wanted) or set(wanted) != set(found):
+        raise DataError(
+            f"--label_order {given!r} must list every label of the data once, in id order; the data has {found}"
+        )
+    return wanted
 
 
 def prepare_run(options: TrainOptions) -> PreparedRun:
