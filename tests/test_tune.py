@@ -24,6 +24,7 @@ import pytest
 
 from tl_plugin import TransferConfig
 from tl_plugin import tune as tlt
+from tl_plugin.app.errors import UsageError
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_BLOCKS = 3
@@ -375,7 +376,7 @@ def test_an_interrupted_search_resumes_without_rerunning_finished_trials(ray_env
 
     # a new search over the same experiment is refused (before anything is overwritten)
     saved = (out / "search.json").read_text()
-    with pytest.raises(SystemExit, match="pass --resume"):
+    with pytest.raises(UsageError, match="pass --resume"):
         recipe.run_search(_search_args(tiny_model_dir, out, "--num-samples", "5"))
     assert (out / "search.json").read_text() == saved
 
