@@ -138,6 +138,12 @@ def _scenarios(TransferConfig: Any) -> dict[str, Any]:  # noqa: N803 - a class p
         ),
         "llrd": lambda m: ([LayerwiseLRDecayCallback(0.7)], {}, Trainer),
         "llrd_transfer_trainer": lambda m: ([LayerwiseLRDecayCallback(0.7)], {}, TransferTrainer),
+        # tests/test_multi_node.py: two torchrun node groups of one process each, unfreezing plus layer-wise LR decay
+        "gradual_llrd": lambda m: (
+            [GradualUnfreezingCallback(every_n_epochs=1), LayerwiseLRDecayCallback(MULTI_NODE_LR_DECAY)],
+            unused,
+            Trainer,
+        ),
         # negative control: a plain Trainer with no tl_plugin callback bypasses the check and trains without DDP
         "no_ddp_plain": lambda m: ([], no_ddp, Trainer),
         # refused before the first step: by a callback (process group, split data) and by TransferTrainer alone
@@ -149,6 +155,11 @@ def _scenarios(TransferConfig: Any) -> dict[str, Any]:  # noqa: N803 - a class p
         "no_ddp_transfer_trainer": lambda m: ([], no_ddp_no_group, TransferTrainer),
     }
 
+
+#: Scenarios of tests/test_multi_node.py: their rank files also hold the launcher's node view (``GROUP_RANK``,
+#: ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``) and each optimizer group's initial lr.
+MULTI_NODE_SCENARIOS = ("gradual_llrd",)
+MULTI_NODE_LR_DECAY = 0.8
 
 #: Frozen prefix of the cache scenarios: the embeddings and the bottom 2 of the 4 blocks.
 CACHE_FROZEN_BLOCKS = 2
@@ -279,6 +290,11 @@ def main() -> int:
         "first_batch": seen["first_batch"],
         "training_steps": seen["steps"],
     }
+    if options.scenario in MULTI_NODE_SCENARIOS:
+        result["node"] = {
+            key: os.environ.get(key) for key in ("GROUP_RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+        }
+        result["initial_lr"] = {g["group_name"]: g["initial_lr"] for g in trainer.optimizer.param_groups}
     if cached:
         from safetensors.torch import save_file
 
