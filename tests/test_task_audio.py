@@ -85,7 +85,7 @@ def tiny_wav2vec2(tmp_path_factory) -> Path:
 
 def prepared(folder: Path, model_path: str):
     args = DataArguments(train_dir=str(folder))
-    raw = load_raw_data(args, seed=0)
+    raw = load_raw_data(args)
     task = infer_task(raw["train"])
     columns = task.resolve_columns(raw["train"], args)
     labels = task.label_info(raw, columns)
@@ -98,7 +98,7 @@ def prepared(folder: Path, model_path: str):
 def test_audio_folder_is_read_without_torchcodec_and_inferred(audio_folder):
     from datasets import Audio, ClassLabel
 
-    raw = load_raw_data(DataArguments(train_dir=str(audio_folder)), seed=0)
+    raw = load_raw_data(DataArguments(train_dir=str(audio_folder)))
     train = raw["train"]
     assert train.num_rows == len(PITCHES) * PER_CLASS
     assert isinstance(train.features["audio"], Audio)
@@ -165,7 +165,7 @@ def test_csv_of_relative_audio_paths(audio_folder, tiny_wav2vec2, tmp_path, monk
     ]
     csv.write_text("\n".join(lines) + "\n")
     args = DataArguments(train_file=str(csv))
-    raw = load_raw_data(args, seed=0)
+    raw = load_raw_data(args)
     task = infer_task(raw["train"])
     assert isinstance(task, AudioClassification)
     columns = task.resolve_columns(raw["train"], args)

@@ -77,7 +77,7 @@ def data_args(**kwargs) -> DataArguments:
 def prepared(folder: Path, model_path: str):
     """Load, detect, label, process and preprocess like ``tl-plugin train`` does."""
     args = data_args(train_dir=str(folder))
-    raw = load_raw_data(args, seed=0)
+    raw = load_raw_data(args)
     task = infer_task(raw["train"])
     columns = task.resolve_columns(raw["train"], args)
     labels = task.label_info(raw, columns)
@@ -88,7 +88,7 @@ def prepared(folder: Path, model_path: str):
 
 # ------------------------------------------------------------------------------------------------- data
 def test_image_folder_is_inferred_as_image_classification(image_folder):
-    raw = load_raw_data(data_args(train_dir=str(image_folder)), seed=0)
+    raw = load_raw_data(data_args(train_dir=str(image_folder)))
     task = infer_task(raw["train"])
     assert isinstance(task, ImageClassification)
     columns = task.resolve_columns(raw["train"], data_args())
@@ -129,7 +129,7 @@ def test_csv_of_relative_paths_is_resolved_next_to_the_csv(image_folder, tiny_vi
     csv.write_text("\n".join(rows) + "\n")
     try:
         args = data_args(train_file=str(csv))
-        raw = load_raw_data(args, seed=0)
+        raw = load_raw_data(args)
         task = infer_task(raw["train"])
         assert isinstance(task, ImageClassification)
         columns = task.resolve_columns(raw["train"], args)
@@ -151,7 +151,7 @@ def test_missing_image_path_names_the_row_and_the_file(tmp_path, tiny_vit):
     csv = tmp_path / "data.csv"
     csv.write_text("image,label\nnowhere/a.png,cat\nnowhere/b.png,dog\n")
     args = data_args(train_file=str(csv))
-    raw = load_raw_data(args, seed=0)
+    raw = load_raw_data(args)
     task = ImageClassification()
     columns = task.resolve_columns(raw["train"], args)
     labels = task.label_info(raw, columns)

@@ -206,14 +206,13 @@ def _load_source(args: Any) -> DatasetDict:
     return _normalize_splits(loaded, f"--dataset_name {args.dataset_name}")
 
 
-def load_raw_data(args: Any, seed: int, stratify: str | None = None) -> DatasetDict:
+def load_raw_data(args: Any) -> DatasetDict:
     """The splits of the data options in `args` (a `tl_plugin.app.arguments.DataArguments`), before any
-    column checks: ``train``, ``validation`` (held out of train when absent) and, when given, ``test``.
+    column checks: ``train`` and, when given, ``validation`` and ``test`` (`add_validation_split` holds out a
+    validation split when there is none).
 
     Args:
         args: the data options.
-        seed (`int`): seed of the held-out validation split.
-        stratify (`str`, *optional*): the label column to stratify that split by.
 
     Raises:
         DataError: a missing or unreadable file or folder, an empty split.
@@ -292,10 +291,6 @@ def check_texts(data: DatasetDict, column: str, flag: str, drop_empty: bool) -> 
 
 
 # ------------------------------------------------------------------------------------------------- labels
-def _label_name(value: Any) -> str:
-    return str(value)
-
-
 def sequence_labels(data: DatasetDict, column: str) -> tuple[list[str], bool]:
     """The label names of a sequence-level task (text / image / audio classification) and whether it is
     multi-label (the labels are lists).
@@ -340,8 +335,8 @@ def sequence_labels(data: DatasetDict, column: str) -> tuple[list[str], bool]:
 def _sorted_names(values: Sequence[Any]) -> list[str]:
     unique = set(values)
     if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in unique):
-        return [_label_name(v) for v in sorted(unique)]
-    return sorted(_label_name(v) for v in unique)
+        return [str(v) for v in sorted(unique)]
+    return sorted(str(v) for v in unique)
 
 
 def _label_names_of(
@@ -352,9 +347,9 @@ def _label_names_of(
     if isinstance(feature, ClassLabel):
         as_names = [[feature.int2str(v)] if v is not None and v >= 0 else [None] for v in values]
     elif multi:
-        as_names = [[_label_name(x) for x in (v or [])] for v in values]
+        as_names = [[str(x) for x in (v or [])] for v in values]
     else:
-        as_names = [[None if v is None else _label_name(v)] for v in values]
+        as_names = [[None if v is None else str(v)] for v in values]
     if per_example:
         return as_names
     return [n for v in as_names for n in v]
@@ -370,22 +365,19 @@ def encode_sequence_labels(data: DatasetDict, column: str, names: list[str], mul
             if multi:
                 hot = [0.0] * len(names)
                 for name in value or []:
-                    hot[index[_label_name(name)]] = 1.0
+                    hot[index[str(name)]] = 1.0
                 out.append(hot)
             elif isinstance(feature, ClassLabel):
                 out.append(index[feature.int2str(value)])
             else:
                 if value is None:
                     raise DataError(f"null label in column {column!r}")
-                out.append(index[_label_name(value)])
+                out.append(index[str(value)])
         return {"labels": out}
 
     encoded = {}
     for split_name, split in data.items():
         feature = split.features[column]
-        features = split.features.copy()
-        for drop in ("labels",):
-            features.pop(drop, None)
         encoded[split_name] = split.map(
             encode, batched=True, fn_kwargs={"feature": feature}, desc=f"Labels ({split_name})"
         )

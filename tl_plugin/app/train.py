@@ -124,7 +124,7 @@ def load_task_data(data_args: DataArguments, seed: int) -> tuple[Task, Columns, 
         raw = _load_demo(data_args)
         task: Task = get_task("text-classification")
     else:
-        raw = load_raw_data(data_args, seed)
+        raw = load_raw_data(data_args)
         task = get_task(data_args.task) if data_args.task else infer_task(raw["train"])
     columns = task.resolve_columns(raw["train"], data_args)
     for split_name, split in raw.items():
