@@ -371,7 +371,7 @@ def _print_summary(task: Task, metrics: dict[str, Any], report: dict[str, Any], 
     split = metrics["report_split"]
     print("\n" + "=" * 64)
     for line in task.summary_lines(report):
-        print(f"{split} {line}")
+        print(line if line.startswith("majority") else f"{split} {line}")
     if "per_class" in report:
         print("\n" + format_per_class(report["per_class"]) + "\n")
     print(f"wall time                     {metrics['total_runtime_s']:.0f} s")

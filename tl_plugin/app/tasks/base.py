@@ -28,7 +28,16 @@ if TYPE_CHECKING:
 
     from ..arguments import DataArguments, ModelArguments
 
-__all__ = ["Columns", "LabelInfo", "Task"]
+__all__ = ["SUMMARY_NAMES", "Columns", "LabelInfo", "Task"]
+
+#: How the report's keys read in the printed summary.
+SUMMARY_NAMES: dict[str, str] = {
+    "macro_f1": "macro-F1",
+    "micro_f1": "micro-F1",
+    "subset_accuracy": "subset accuracy",
+    "majority_class_accuracy": "majority-class baseline",
+    "majority_subset_accuracy": "majority baseline (subset acc.)",
+}
 
 
 @dataclass
@@ -143,8 +152,11 @@ class Task(abc.ABC):
         (main process only), also write its files there (e.g. ``confusion_matrix.png``)."""
 
     def summary_lines(self, report: Mapping[str, Any]) -> list[str]:
-        """Lines of the printed summary for `report` (the headline metrics); subclasses may extend."""
-        return [f"{key:<24} {value:.4f}" for key, value in report.items() if isinstance(value, float)]
+        """Lines of the printed summary for `report` (the headline metrics, each ``name  value``); subclasses may
+        extend. The caller puts the split's name in front (``test accuracy  0.8020``)."""
+        return [
+            f"{SUMMARY_NAMES.get(key, key):<29} {value:.4f}" for key, value in report.items() if isinstance(value, float)
+        ]
 
     # ----------------------------------------------------------------------------------------------- extras
     def supports_activation_cache(self) -> bool:

@@ -114,9 +114,8 @@ class TextClassification(Task):
         y_true = np.asarray(prediction.label_ids).reshape(-1)
         report = classification_report(y_true, logits.argmax(axis=-1), labels.names)
         if out_dir is not None:
-            plot_confusion_matrix(
-                report["confusion_matrix"], labels.names, out_dir / "confusion_matrix.png", "Confusion matrix"
-            )
+            title = f"Confusion matrix: {len(y_true)} examples, accuracy {report['accuracy']:.3f}"
+            plot_confusion_matrix(report["confusion_matrix"], labels.names, out_dir / "confusion_matrix.png", title)
         return report
 
     def supports_activation_cache(self) -> bool:
