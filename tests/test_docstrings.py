@@ -19,6 +19,7 @@ MODULES = [
     "tl_plugin.callbacks.transfer",
     "tl_plugin.callbacks.schedules",
     "tl_plugin.callbacks.lr",
+    "tl_plugin.app.report",
 ]
 
 

@@ -355,8 +355,23 @@ class SearchSettings:
         return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
 
 
-def search_settings_from_args(args: Any, output_dir: Path) -> SearchSettings:
-    """The `SearchSettings` of a recipe's parsed command line (``--tiny`` saves a tiny BERT in `output_dir`)."""
+def search_settings_from_args(
+    args: Any,
+    output_dir: Path,
+    *,
+    block_counter: Any = None,
+    train_args: Sequence[str] = (),
+) -> SearchSettings:
+    """The `SearchSettings` of a search's parsed command line (``--tiny`` saves a tiny BERT in `output_dir`).
+
+    Args:
+        args: the parsed options (``model_path``, ``tiny``, ``train_size``, ``max_length``, ``max_epochs``,
+            ``seed``, ``metric``, ``mode``, and optionally the activation-cache options).
+        output_dir (`Path`): the search's output folder.
+        block_counter (*optional*): model folder (or `None` for the bundled model) → its block count; default
+            `count_blocks` (a sequence classifier).
+        train_args: the user's ``tl-plugin train`` data options, carried into every trial and the final command.
+    """
     model_path = args.model_path
     if args.tiny:
         model_path = str(output_dir / "tiny-bert")
@@ -365,7 +380,7 @@ def search_settings_from_args(args: Any, output_dir: Path) -> SearchSettings:
     cache = bool(getattr(args, "activation_cache", False))
     cache_dir = Path(getattr(args, "activation_cache_dir", None) or output_dir / "activation-cache")
     return SearchSettings(
-        num_blocks=count_blocks(model_path),
+        num_blocks=(block_counter or count_blocks)(model_path),
         model_path=str(Path(model_path).resolve()) if model_path else None,
         train_size=args.train_size,
         max_length=args.max_length,
@@ -375,6 +390,7 @@ def search_settings_from_args(args: Any, output_dir: Path) -> SearchSettings:
         mode=args.mode,
         activation_cache=cache,
         activation_cache_dir=str(cache_dir.resolve()) if cache else None,
+        train_args=list(train_args),
     )
 
 

@@ -42,16 +42,20 @@ def classification_report(y_true: Any, y_pred: Any, names: Sequence[str]) -> dic
         "accuracy": float((true == pred).mean()) if len(true) else 0.0,
         "macro_f1": float(np.mean(f1)) if len(f1) else 0.0,
         "majority_class_accuracy": max(counts.values()) / len(true) if len(true) else 0.0,
-        "per_class": {
-            name: {
-                "precision": float(precision[i]),
-                "recall": float(recall[i]),
-                "f1": float(f1[i]),
-                "support": int(support[i]),
-            }
-            for i, name in enumerate(names)
-        },
+        "per_class": _per_class(names, precision, recall, f1, support),
         "confusion_matrix": confusion_matrix(true, pred, labels=ids).tolist(),
+    }
+
+
+def _per_class(names: Sequence[str], precision: Any, recall: Any, f1: Any, support: Any) -> dict[str, Any]:
+    return {
+        name: {
+            "precision": float(precision[i]),
+            "recall": float(recall[i]),
+            "f1": float(f1[i]),
+            "support": int(support[i]),
+        }
+        for i, name in enumerate(names)
     }
 
 
@@ -69,15 +73,7 @@ def multi_label_report(y_true: np.ndarray, scores: np.ndarray, names: Sequence[s
         "micro_f1": float(f1_score(true, pred, average="micro", zero_division=0)),
         "macro_f1": float(np.mean(f1)),
         "majority_subset_accuracy": float((true == majority).all(axis=1).mean()),
-        "per_class": {
-            name: {
-                "precision": float(precision[i]),
-                "recall": float(recall[i]),
-                "f1": float(f1[i]),
-                "support": int(support[i]),
-            }
-            for i, name in enumerate(names)
-        },
+        "per_class": _per_class(names, precision, recall, f1, support),
     }
 
 

@@ -149,25 +149,12 @@ def _settings(args: argparse.Namespace, output_dir: Path) -> Any:
     from .. import tune as tlt
     from .tasks.models import check_model_folder
 
-    model_path = args.model_path
-    if args.tiny:
-        model_path = str(output_dir / "tiny-bert")
-        if not Path(model_path, "config.json").is_file():
-            tlt.save_tiny_bert(model_path)
-    elif model_path:
-        check_model_folder(model_path)
-    cache_dir = Path(args.activation_cache_dir or output_dir / "activation-cache")
-    return tlt.SearchSettings(
-        num_blocks=_num_blocks(args, model_path),
-        model_path=str(Path(model_path).resolve()) if model_path else None,
-        train_size=args.train_size,
-        max_length=args.max_length,
-        max_epochs=args.max_epochs,
-        seed=args.seed,
-        metric=args.metric,
-        mode=args.mode,
-        activation_cache=bool(args.activation_cache),
-        activation_cache_dir=str(cache_dir.resolve()) if args.activation_cache else None,
+    if args.model_path and not args.tiny:
+        check_model_folder(args.model_path)
+    return tlt.search_settings_from_args(
+        args,
+        output_dir,
+        block_counter=lambda path: _num_blocks(args, path),
         train_args=user_train_flags(args.model, args.data),
     )
 
