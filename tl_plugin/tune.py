@@ -47,9 +47,13 @@ from .config import STRATEGIES, TransferConfig
 logger = logging.getLogger("tl_plugin")
 
 __all__ = [
+    "CHECKPOINT_INFO_FILE",
     "DEFAULT_LR_DECAYS",
+    "FAIL_ONCE_ENV",
+    "FINISHED_FILE",
     "PLOT_INSTALL_HINT",
     "RAY_INSTALL_HINT",
+    "RUNS_FILE",
     "ResultsCSVCallback",  # noqa: F822  (built lazily by the module __getattr__: it subclasses a Ray class)
     "SearchSettings",
     "SearchTrainer",
@@ -77,6 +81,7 @@ __all__ = [
     "trial_dirname",
     "trial_training_arguments",
     "transfer_config_from_trial",
+    "weights_digest",
     "write_results_csv",
 ]
 
@@ -460,24 +465,184 @@ def _extra_callbacks(config: Mapping[str, Any], trained_groups: int) -> list[Any
     return callbacks
 
 
+#: In each checkpoint a trial reports: who saved it, at which step, with which config, weights digest, freeze state.
+CHECKPOINT_INFO_FILE = "tl_trial.json"
+#: Written by a trial into its Tune trial folder just *before* its last report: the trial finished (its metrics).
+FINISHED_FILE = "tl_finished.json"
+#: One JSON line per start of a trial's trainable: fresh, resumed (from which trial and step), or skipped.
+RUNS_FILE = "tl_runs.jsonl"
+#: Fault injection for failure drills: a file path; the first trial that creates it raises once, after its first
+#: checkpointed report (the file makes it once per search).
+FAIL_ONCE_ENV = "TL_TUNE_FAIL_ONCE"
+
+
+def weights_digest(model: Any) -> str:
+    """SHA-256 over a model's ``state_dict`` (names and bytes, sorted): equal digests mean equal weights."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _frozen_names(model: Any) -> list[str]:
+    return sorted(n for n, p in model.named_parameters() if not p.requires_grad)
+
+
+def _schedule_phase(callbacks: Any) -> int | None:
+    for callback in callbacks or ():
+        phase = getattr(callback, "phase", None)
+        if type(callback).__name__ == "GradualUnfreezingCallback" and isinstance(phase, int):
+            return phase
+    return None
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str) + "\n")
+    os.replace(tmp, path)
+
+
 class TuneReportCallback(TrainerCallback):
     """A `transformers.TrainerCallback` that sends every evaluation's metrics to Ray Tune (``ray.tune.report``).
 
     One evaluation per epoch (``eval_strategy="epoch"``) makes one Tune iteration per epoch, the time unit of the
-    ASHA scheduler. ``ray.tune.report`` is the Tune API (``ray.train.report`` errors inside a Tune function).
+    ASHA and PBT schedulers. ``ray.tune.report`` is the Tune API (``ray.train.report`` errors inside a Tune
+    function).
+
+    With ``checkpoints=True`` (``save_strategy="epoch"``) the metrics are reported in ``on_save``, after the
+    Trainer wrote its checkpoint (weights, optimizer, scheduler, RNG, trainer state, the schedules' state file), with
+    that folder as the Tune checkpoint, plus `CHECKPOINT_INFO_FILE` (trial, step, config, weights digest, frozen
+    parameters, gradual-unfreezing phase). Just before the last epoch's report, `FINISHED_FILE` is written into
+    ``trial_dir``: a restored trial that finds it does not train again.
     """
+
+    def __init__(
+        self,
+        checkpoints: bool = False,
+        *,
+        trial_id: str | None = None,
+        trial_dir: str | None = None,
+        config: Mapping[str, Any] | None = None,
+        max_epochs: int | None = None,
+    ) -> None:
+        self.checkpoints = checkpoints
+        self.trial_id = trial_id
+        self.trial_dir = trial_dir
+        self.config = {k: _plain(v) for k, v in (config or {}).items()}
+        self.max_epochs = max_epochs
+        self._pending: dict[str, float] | None = None
 
     def on_evaluate(self, args: Any, state: Any, control: Any, metrics: Any = None, **kwargs: Any) -> None:
         import ray.tune
 
         report = {k: float(v) for k, v in (metrics or {}).items() if isinstance(v, (int, float))}
         report["epoch"] = float(state.epoch or 0.0)
-        ray.tune.report(report)
+        if self.checkpoints:
+            self._pending = report  # reported with the checkpoint, in on_save
+        else:
+            ray.tune.report(report)
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        import ray.tune
+
+        from .callbacks.base import checkpoint_folder
+
+        if not self.checkpoints or self._pending is None:
+            return
+        report, self._pending = self._pending, None
+        folder = Path(checkpoint_folder(args, state))
+        model = kwargs.get("model")
+        epoch = float(state.epoch or 0.0)
+        finished = self.max_epochs is not None and epoch >= self.max_epochs - 1e-6
+        info = {
+            "trial_id": self.trial_id,
+            "global_step": int(state.global_step),
+            "epoch": epoch,
+            "config": self.config,
+            "learning_rate": float(self.config.get("learning_rate", args.learning_rate)),
+            "metrics": report,
+            "finished": finished,
+            "weights_digest": weights_digest(model) if model is not None else None,
+            "frozen": _frozen_names(model) if model is not None else None,
+            "unfreeze_phase": _schedule_phase(getattr(self, "_callbacks", None)),
+        }
+        _write_json(folder / CHECKPOINT_INFO_FILE, info)
+        if finished and self.trial_dir:
+            # before the report: `ray.tune.report` may not return once the driver has the result (it waits for the
+            # driver's next request), and a driver killed now must still see this trial as finished on --resume
+            _write_json(Path(self.trial_dir) / FINISHED_FILE, {"trial_id": self.trial_id, "metrics": report,
+                                                               "epoch": epoch, "global_step": state.global_step})
+        ray.tune.report(report, checkpoint=ray.tune.Checkpoint.from_directory(str(folder)))
+        _maybe_fail_once(self.trial_id)
 
 
-def trial_command_line(config: Mapping[str, Any], settings: SearchSettings, output_dir: str) -> list[str]:
+def _maybe_fail_once(trial_id: str | None) -> None:
+    flag = os.environ.get(FAIL_ONCE_ENV)
+    if not flag:
+        return
+    try:
+        fd = os.open(flag, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        return
+    os.write(fd, str(trial_id).encode())
+    os.close(fd)
+    raise RuntimeError(f"{FAIL_ONCE_ENV}: injected failure of trial {trial_id} after its checkpointed report")
+
+
+class _RescaleLR(TrainerCallback):
+    """After a resume whose checkpoint was trained with another learning rate (a PBT exploit with a perturbed
+    ``learning_rate``): scale every param group's lr and the scheduler's base lrs by ``ratio``, so the run goes on
+    at the new rate from the schedule position of the checkpoint (the layer-wise decay ratios are kept)."""
+
+    def __init__(self, ratio: float) -> None:
+        self.ratio = float(ratio)
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        from .callbacks.base import unwrap_scheduler
+
+        optimizer, scheduler = kwargs.get("optimizer"), kwargs.get("lr_scheduler")
+        if optimizer is not None:
+            for group in optimizer.param_groups:
+                group["lr"] *= self.ratio
+                if "initial_lr" in group:
+                    group["initial_lr"] *= self.ratio
+        if scheduler is not None:
+            inner = unwrap_scheduler(scheduler)
+            if hasattr(inner, "base_lrs"):
+                inner.base_lrs = [b * self.ratio for b in inner.base_lrs]
+            if hasattr(inner, "_last_lr"):
+                inner._last_lr = [b * self.ratio for b in inner._last_lr]
+
+
+class _RecordStart(TrainerCallback):
+    """Appends one line to the trial's `RUNS_FILE` when training starts (after a checkpoint is loaded): how the run
+    started, the weights digest and the frozen parameters at that moment."""
+
+    def __init__(self, path: Path | None, record: Mapping[str, Any]) -> None:
+        self.path = path
+        self.record = dict(record)
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.path is None:
+            return
+        model = kwargs.get("model")
+        line = {**self.record, "global_step": int(state.global_step), "pid": os.getpid()}
+        if model is not None:
+            line["weights_digest"] = weights_digest(model)
+            line["frozen"] = _frozen_names(model)
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(line, default=str) + "\n")
+
+
+def trial_command_line(
+    config: Mapping[str, Any], settings: SearchSettings, output_dir: str, checkpoints: bool = False
+) -> list[str]:
     """The ``tl-plugin train`` options of a trial (without the transfer config, which is passed as an object):
-    the user's data options, the search's settings and the sampled learning rate; no checkpoints, no reports."""
+    the user's data options, the search's settings and the sampled learning rate; no reports; a checkpoint per
+    epoch (in the trial's temporary ``output_dir``) with ``checkpoints``."""
     import torch
 
     argv = [
@@ -491,7 +656,7 @@ def trial_command_line(config: Mapping[str, Any], settings: SearchSettings, outp
         "--per_device_train_batch_size", str(settings.train_batch_size),
         "--per_device_eval_batch_size", str(settings.eval_batch_size),
         "--eval_strategy", "epoch",
-        "--save_strategy", "no",
+        "--save_strategy", "epoch" if checkpoints else "no",
         "--disable_tqdm", "true",
         "--report_to", "none",
         "--output_dir", output_dir,
@@ -506,9 +671,25 @@ def trial_command_line(config: Mapping[str, Any], settings: SearchSettings, outp
     return argv
 
 
-def _run_training(config: Mapping[str, Any], settings: SearchSettings, callbacks: Sequence[Any]) -> Any:
+def _run_training(
+    config: Mapping[str, Any],
+    settings: SearchSettings,
+    callbacks: Sequence[Any],
+    *,
+    checkpoints: bool = False,
+    resume: tuple[str, Mapping[str, Any]] | None = None,
+    front_callbacks: Sequence[Any] = (),
+) -> Any:
     """Train one configuration like ``tl-plugin train`` does (the same preparation and Trainer); returns the
-    trainer after training."""
+    trainer after training.
+
+    ``checkpoints``: save a Trainer checkpoint every epoch. ``resume``: ``(folder, info)`` of a checkpoint (a Trainer
+    checkpoint folder and its `CHECKPOINT_INFO_FILE` content) to resume from with ``resume_from_checkpoint``:
+    weights, optimizer, scheduler, RNG, trainer state and the schedules' phase come from it; the transfer config
+    (hence the freeze boundary) is this ``config``'s, applied before the weights are loaded; a different learning
+    rate than the checkpoint's is applied by scaling the loaded optimizer and scheduler. ``front_callbacks`` run
+    before every other callback of the trial.
+    """
     import datasets
     import transformers
     from transformers import PrinterCallback
@@ -522,15 +703,28 @@ def _run_training(config: Mapping[str, Any], settings: SearchSettings, callbacks
     output_dir = tempfile.mkdtemp(prefix="tl-trial-")
     run = None
     try:
-        options = parse_train_args(trial_command_line(config, settings, output_dir))
+        options = parse_train_args(trial_command_line(config, settings, output_dir, checkpoints=checkpoints))
         options.transfer = transfer_config_from_trial(config, seed=settings.seed)
         prepared = prepare_run(options)
         extra = _extra_callbacks(config, len(prepared.trainable.trainable_groups))
+        front = list(front_callbacks)
+        resume_path = None
+        if resume is not None:
+            folder, info = resume
+            resume_path = str(Path(output_dir) / f"checkpoint-{int(info['global_step'])}")
+            shutil.copytree(folder, resume_path)
+            old_lr = float(info.get("learning_rate") or config["learning_rate"])
+            new_lr = float(config["learning_rate"])
+            if not math.isclose(old_lr, new_lr, rel_tol=1e-12):
+                front.insert(0, _RescaleLR(new_lr / old_lr))
         loss = class_weight_loss(options.data.class_weights, prepared)
-        run = build_run(options, prepared, loss, callbacks=[*extra, *callbacks])
+        run = build_run(options, prepared, loss, callbacks=[*front, *extra, *callbacks])
         trainer = run.trainer
+        for callback in callbacks:
+            if isinstance(callback, TuneReportCallback):
+                callback._callbacks = trainer.callback_handler.callbacks  # type: ignore[attr-defined]
         trainer.remove_callback(PrinterCallback)  # prints every log dict when tqdm is off
-        trainer.train()
+        trainer.train(resume_from_checkpoint=resume_path)
     finally:
         if run is not None:
             run.close()
@@ -538,21 +732,76 @@ def _run_training(config: Mapping[str, Any], settings: SearchSettings, callbacks
     return trainer
 
 
+def _append_run(trial_dir: str | None, record: Mapping[str, Any]) -> None:
+    if trial_dir:
+        with Path(trial_dir, RUNS_FILE).open("a") as handle:
+            handle.write(json.dumps({**record, "pid": os.getpid()}, default=str) + "\n")
+
+
 def train_transfer_trial(config: dict[str, Any], settings: Mapping[str, Any]) -> None:
-    """The Ray Tune function trainable: train one sampled transfer config, report eval metrics every epoch.
+    """The Ray Tune function trainable: train one sampled transfer config, report eval metrics and a checkpoint
+    every epoch.
 
     Wrap it with ``tune.with_parameters(train_transfer_trial, settings=SearchSettings(...).to_dict())``. A config
-    that is invalid for the model (or an out-of-memory error) raises: Tune records the trial as failed and the
-    search goes on.
+    that is invalid for the model (or an out-of-memory error) raises: Tune retries it up to
+    ``FailureConfig(max_failures)`` times from its last checkpoint, then records the trial as failed and the search
+    goes on.
+
+    Started again by Tune (after a failure, a PBT exploit, or a restored driver), it resumes from
+    ``ray.tune.get_checkpoint()`` (its own last checkpoint, or the exploited trial's). A trial whose folder holds
+    `FINISHED_FILE` (it finished, but the driver died before it recorded that) or whose checkpoint is its own last
+    epoch returns at once: it does not train, nor report, again.
     """
-    require_ray()
+    ray = require_ray()
     import torch
 
     resolved = SearchSettings.from_dict(settings)
     cpus = os.environ.get("OMP_NUM_THREADS")  # Ray sets it to the trial's CPU count
     if cpus and cpus.isdigit():
         torch.set_num_threads(max(1, int(cpus)))
-    _run_training(config, resolved, [TuneReportCallback()])
+    context = ray.tune.get_context()
+    trial_id = context.get_trial_id()
+    trial_dir = context.get_trial_dir()
+    if trial_dir and Path(trial_dir, FINISHED_FILE).is_file():
+        _append_run(trial_dir, {"start": "skipped", "why": FINISHED_FILE})
+        return
+    checkpoint = ray.tune.get_checkpoint()
+    local = None
+    try:
+        resume = None
+        if checkpoint is not None:
+            local = tempfile.mkdtemp(prefix="tl-restore-")
+            checkpoint.to_directory(local)
+            info = json.loads(Path(local, CHECKPOINT_INFO_FILE).read_text())
+            if info.get("finished") and info.get("trial_id") == trial_id:
+                _append_run(trial_dir, {"start": "skipped", "why": "finished checkpoint"})
+                return
+            resume = (local, info)
+        record = {"start": "fresh"} if resume is None else {
+            "start": "resumed" if resume[1].get("trial_id") == trial_id else "exploit",
+            "from_trial": resume[1].get("trial_id"),
+            "from_step": resume[1].get("global_step"),
+            "learning_rate": float(config["learning_rate"]),
+            "freeze_bottom_blocks": config.get("freeze_bottom_blocks"),
+            # what the checkpoint's trial had when it saved: weights digest, freeze boundary, frozen parameters
+            "donor_weights_digest": resume[1].get("weights_digest"),
+            "donor_learning_rate": resume[1].get("learning_rate"),
+            "donor_frozen_blocks": (resume[1].get("config") or {}).get("freeze_bottom_blocks"),
+            "donor_frozen": resume[1].get("frozen"),
+            "donor_unfreeze_phase": resume[1].get("unfreeze_phase"),
+        }  # fmt: skip
+        reporter = TuneReportCallback(
+            checkpoints=True,
+            trial_id=trial_id,
+            trial_dir=trial_dir,
+            config=config,
+            max_epochs=resolved.max_epochs,
+        )
+        start = _RecordStart(Path(trial_dir, RUNS_FILE) if trial_dir else None, record)
+        _run_training(config, resolved, [reporter], checkpoints=True, resume=resume, front_callbacks=[start])
+    finally:
+        if local is not None:
+            shutil.rmtree(local, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------- Trainer.hyperparameter_search
@@ -849,8 +1098,31 @@ def rows_from_trials(
             error_file = getattr(trial, "error_file", None)
             if error_file and Path(error_file).is_file():
                 error = Path(error_file).read_text()
-        rows.append(_row(trial.trial_id, trial.config, raw, trial.last_result, error, settings))
+        last = trial.last_result
+        finished = _finished_record(trial)
+        if finished is not None and raw != "ERROR":
+            # the trial wrote it just before its last report: the driver may have died before recording it
+            epochs = round(float(finished.get("epoch") or 0))
+            if (last or {}).get("training_iteration", 0) < epochs or raw in ("RUNNING", "PENDING", "PAUSED"):
+                last = {**(last or {}), **finished.get("metrics", {}), "training_iteration": epochs}
+                raw = "TERMINATED"
+        rows.append(_row(trial.trial_id, trial.config, raw, last, error, settings))
     return sorted(rows, key=lambda r: r["trial"])
+
+
+def _finished_record(trial: Any) -> dict[str, Any] | None:
+    """The `FINISHED_FILE` a trial wrote into its (local) trial folder, if any."""
+    for attr in ("path", "local_path"):
+        folder = getattr(trial, attr, None)
+        if isinstance(folder, str) and "://" not in folder:
+            path = Path(folder, FINISHED_FILE)
+            if path.is_file():
+                try:
+                    data = json.loads(path.read_text())
+                except (OSError, ValueError):
+                    return None
+                return data if isinstance(data, dict) else None
+    return None
 
 
 def _columns(rows: Sequence[Mapping[str, Any]], metric: str) -> list[str]:

@@ -81,8 +81,20 @@ def build_search_parser(prog: str = "tl-plugin search") -> SearchParser:
     search = parser.add_argument_group("what is searched")
     search.add_argument(*_both("num_samples"), type=int, default=8, help="Trials (the first is the default config).")
     search.add_argument(*_both("max_epochs"), type=int, default=2, help="Epochs of a trial that is not stopped early.")
+    search.add_argument(
+        "--scheduler", default="asha", choices=("asha", "pbt"),
+        help="asha: stop bad trials early; pbt: Population Based Training over the learning rate and the freeze "
+        "boundary (a worse trial continues from a better one's checkpoint with perturbed values).",
+    )  # fmt: skip
     search.add_argument(*_both("grace_period"), type=int, default=1, help="ASHA: epochs before a trial can be stopped.")
     search.add_argument(*_both("reduction_factor"), type=float, default=2.0, help="ASHA: keep the top 1/factor.")
+    search.add_argument(
+        *_both("perturbation_interval"), type=int, default=1, help="PBT: epochs between exploit/explore steps."
+    )
+    search.add_argument(
+        *_both("max_failures"), type=int, default=1,
+        help="Retries of a failing trial, each from its last epoch checkpoint (0: a failure is final).",
+    )  # fmt: skip
     search.add_argument(*_both("lr_min"), type=float, default=1e-5, help="Smallest learning rate (log-uniform).")
     search.add_argument(*_both("lr_max"), type=float, default=5e-4, help="Largest learning rate.")
     search.add_argument(*_both("strategies"), nargs="+", default=["full", "partial", "layers"], choices=("full", "partial", "layers"))
@@ -175,7 +187,6 @@ def run_search(args: argparse.Namespace, extra_callbacks: Sequence[Any] = ()) ->
 
     tlt.require_ray()
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     started = time.perf_counter()
@@ -209,6 +220,9 @@ def run_search(args: argparse.Namespace, extra_callbacks: Sequence[Any] = ()) ->
             "baseline": not args.no_baseline,
             "grace_period": args.grace_period,
             "reduction_factor": args.reduction_factor,
+            "scheduler": args.scheduler,
+            "perturbation_interval": args.perturbation_interval,
+            "max_failures": args.max_failures,
         }
         settings_file.write_text(
             json.dumps({"settings": settings.to_dict(), "search": search, "experiment_path": experiment_path}, indent=2)
@@ -234,7 +248,10 @@ def run_search(args: argparse.Namespace, extra_callbacks: Sequence[Any] = ()) ->
         if args.resume:
             if not tune.Tuner.can_restore(experiment_path):
                 raise UsageError(f"--resume: no restorable Ray Tune experiment at {experiment_path}")
-            print(f"Resuming {experiment_path}: finished trials are kept, the others are run.")
+            print(
+                f"Resuming {experiment_path}: finished trials are kept, the others go on from their last epoch "
+                "checkpoint."
+            )
             tuner = tune.Tuner.restore(
                 experiment_path,
                 trainable=trainable,
@@ -265,12 +282,7 @@ def run_search(args: argparse.Namespace, extra_callbacks: Sequence[Any] = ()) ->
                     metric=settings.metric,
                     mode=settings.mode,
                     num_samples=search["num_samples"],
-                    scheduler=ASHAScheduler(
-                        time_attr="training_iteration",
-                        max_t=settings.max_epochs,
-                        grace_period=min(search["grace_period"], settings.max_epochs),
-                        reduction_factor=search["reduction_factor"],
-                    ),
+                    scheduler=_scheduler(search, settings),
                     # the concurrency limit belongs to the generator (Tune ignores max_concurrent_trials with it)
                     search_alg=BasicVariantGenerator(
                         points_to_evaluate=points, random_state=settings.seed, max_concurrent=args.max_concurrent or 0
@@ -280,7 +292,10 @@ def run_search(args: argparse.Namespace, extra_callbacks: Sequence[Any] = ()) ->
                 run_config=tune.RunConfig(
                     name=args.name,
                     storage_path=storage_path,
-                    failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+                    failure_config=tune.FailureConfig(max_failures=search["max_failures"], fail_fast=False),
+                    # every epoch's Trainer checkpoint (weights, optimizer, scheduler, RNG, schedule phase); two kept,
+                    # so that a PBT exploit never reads one being deleted
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                     callbacks=[tlt.ResultsCSVCallback(csv_path, settings.to_dict()), *extra_callbacks],
                     verbose=args.verbose,
                 ),
@@ -290,6 +305,29 @@ def run_search(args: argparse.Namespace, extra_callbacks: Sequence[Any] = ()) ->
         rows = tlt.rows_from_trials(tune.ExperimentAnalysis(experiment_path).trials, settings)
 
     return _finish(rows, search, settings, output_dir, csv_path, experiment_path, started)
+
+
+def _scheduler(search: dict[str, Any], settings: Any) -> Any:
+    """ASHA (the default) or PBT over the learning rate and the freeze boundary (``freeze_bottom_blocks``)."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, PopulationBasedTraining
+
+    if search.get("scheduler", "asha") == "pbt":
+        low, high = search["lr_range"]
+        return PopulationBasedTraining(
+            time_attr="training_iteration",
+            perturbation_interval=search.get("perturbation_interval", 1),
+            hyperparam_mutations={
+                "learning_rate": tune.loguniform(low, high),
+                "freeze_bottom_blocks": list(range(1, settings.num_blocks + 1)),
+            },
+        )
+    return ASHAScheduler(
+        time_attr="training_iteration",
+        max_t=settings.max_epochs,
+        grace_period=min(search["grace_period"], settings.max_epochs),
+        reduction_factor=search["reduction_factor"],
+    )
 
 
 def _finish(

@@ -1,0 +1,243 @@
+"""Trials that survive (`tl_plugin.tune` checkpoints, ``tl-plugin search --max_failures / --resume / --scheduler pbt``).
+
+Real local Ray, real trials on the tiny 3-block BERT of ``test_tune.py`` with 64 real reviews:
+
+- a trial that raises once (fault injection, ``TL_TUNE_FAIL_ONCE``) after its first epoch resumes from that epoch's
+  checkpoint and ends with the same metrics as an identical trial that never failed;
+- ``tl-plugin search`` run as a subprocess and killed with SIGKILL (the whole process group) after a trial's first
+  report, right after a trial's last report, and mid-trial, then ``--resume``d each time: the search completes, and
+  no trial that had finished is trained again (its ``result.json`` is unchanged, its runs file has no new training
+  start);
+- Population Based Training: an exploiting trial starts from the better trial's weights (digest equal to the one the
+  better trial computed when it saved that checkpoint) and with the perturbed freeze boundary applied to them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import test_tune as _shared
+from test_tune import TINY_BLOCKS, _load_recipe, _search_args
+
+from tl_plugin import tune as tlt
+
+# the fixtures of test_tune.py (a tiny BERT, an isolated HOME, Ray shut down after each test)
+tiny_model_dir = _shared.tiny_model_dir
+fake_home = _shared.fake_home
+ray_env = _shared.ray_env
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _runs(trial_dir: Path) -> list[dict]:
+    path = trial_dir / tlt.RUNS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def _results(trial_dir: Path) -> list[dict]:
+    path = trial_dir / "result.json"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+@pytest.mark.ray
+def test_a_trial_that_fails_once_resumes_from_its_checkpoint_with_equal_metrics(
+    ray_env, tiny_model_dir, tmp_path, monkeypatch
+):
+    from ray import tune
+
+    flag = tmp_path / "failed-once"
+    monkeypatch.setenv(tlt.FAIL_ONCE_ENV, str(flag))  # the workers inherit the driver's environment
+    settings = tlt.SearchSettings(
+        num_blocks=TINY_BLOCKS, model_path=tiny_model_dir, train_size=64, max_epochs=2, metric="eval_loss",
+        mode="min",
+    )  # fmt: skip
+    # two identical trials (gradual unfreezing: the freeze phase must come back from the checkpoint too)
+    space = {"learning_rate": tune.grid_search([1e-3, 1e-3]), "strategy": "layers", "freeze_bottom_blocks": 1,
+             "lr_decay": 0.8, "unfreeze_pace": 1}  # fmt: skip
+    with tlt.ray_session(num_cpus=2, log_to_driver=False):
+        trainable = tune.with_resources(
+            tune.with_parameters(tlt.train_transfer_trial, settings=settings.to_dict()), {"cpu": 1}
+        )
+        grid = tune.Tuner(
+            trainable,
+            param_space=space,
+            tune_config=tune.TuneConfig(metric="eval_loss", mode="min", trial_dirname_creator=tlt.trial_dirname),
+            run_config=tune.RunConfig(
+                name="fail-once",
+                storage_path=str(tmp_path / "ray_results"),
+                failure_config=tune.FailureConfig(max_failures=1),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                verbose=0,
+            ),
+        ).fit()
+    assert flag.is_file()
+    failed_id = flag.read_text()
+    assert not grid.errors
+    dirs = {Path(r.path).name.removeprefix("trial_"): Path(r.path) for r in grid}
+    assert failed_id in dirs
+    assert len(dirs) == 2
+    (clean_id,) = set(dirs) - {failed_id}
+    failed, clean = _runs(dirs[failed_id]), _runs(dirs[clean_id])
+    assert [r["start"] for r in clean] == ["fresh"]
+    assert [r["start"] for r in failed] == ["fresh", "resumed"]
+    assert failed[1]["from_trial"] == failed_id
+    assert failed[1]["global_step"] == failed[1]["from_step"] > 0
+    # the resumed run reported epoch 2 only; its metrics equal the uninterrupted trial's
+    failed_results, clean_results = _results(dirs[failed_id]), _results(dirs[clean_id])
+    assert [r["training_iteration"] for r in failed_results] == [1, 2]
+    assert [r["training_iteration"] for r in clean_results] == [1, 2]
+    for a, b in zip(failed_results, clean_results, strict=True):
+        for key in ("eval_loss", "eval_accuracy", "epoch"):
+            assert a[key] == pytest.approx(b[key], rel=0, abs=1e-6), (key, a[key], b[key])
+    assert (dirs[failed_id] / tlt.FINISHED_FILE).is_file()
+
+
+# ------------------------------------------------------------------------------------------------ SIGKILL
+def _driver(args: list[str], home: Path) -> subprocess.Popen:
+    env = {**os.environ, "HOME": str(home), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "OMP_NUM_THREADS": "1", "RAY_DEDUP_LOGS": "1", "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
+    for name in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE", tlt.FAIL_ONCE_ENV):
+        env.pop(name, None)
+    return subprocess.Popen(
+        [str(ROOT / ".venv" / "bin" / "tl-plugin"), "search", *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its own process group and session: the driver and what it started
+    )
+
+
+def _kill_all(proc: subprocess.Popen) -> None:
+    """SIGKILL the driver (its whole process group), then anything left in its session (Ray's processes)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    for _ in range(20):
+        listed = subprocess.run(["ps", "-o", "pid=", "-s", str(proc.pid)], capture_output=True, text=True)
+        pids = [int(p) for p in listed.stdout.split()]
+        if not pids:
+            return
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.5)
+
+
+def _trial_dirs(experiment: Path) -> list[Path]:
+    return sorted(experiment.glob("trial_*")) if experiment.is_dir() else []
+
+
+def _run_until(proc: subprocess.Popen, condition, timeout: float = 150) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        assert proc.poll() is None, f"the driver ended (rc {proc.returncode}) before the kill point"
+        time.sleep(0.05)
+    raise AssertionError("kill point not reached in time")
+
+
+@pytest.mark.ray
+def test_a_driver_killed_at_any_moment_loses_and_repeats_no_finished_trial(tiny_model_dir, tmp_path, fake_home):
+    out = tmp_path / "search"
+    experiment = out / "ray_results" / "tl-search"
+    base = ["--model_name_or_path", tiny_model_dir, "--output-dir", str(out), "--train-size", "64",
+            "--metric", "eval_loss", "--mode", "min", "--quiet-workers", "--verbose", "0"]  # fmt: skip
+    first = [*base, "--num-samples", "3", "--max-epochs", "2", "--max-concurrent", "1"]
+    resume = [*base, "--resume"]
+
+    def finished() -> dict[str, tuple[str, int]]:
+        """trial -> (its result.json, its number of training starts), for trials that wrote FINISHED_FILE."""
+        return {
+            d.name: ((d / "result.json").read_text(), sum(r["start"] != "skipped" for r in _runs(d)))
+            for d in _trial_dirs(experiment)
+            if (d / tlt.FINISHED_FILE).is_file()
+        }
+
+    def first_report() -> bool:
+        return any(_results(d) for d in _trial_dirs(experiment))
+
+    def last_report_recorded() -> bool:  # the driver wrote a trial's last (2nd) epoch into result.json
+        return any(len(_results(d)) >= 2 and d.name not in seen for d in _trial_dirs(experiment))
+
+    def mid_trial() -> bool:  # a trial not finished before this run started training in this run
+        return any(
+            d.name not in seen and any(r["start"] != "skipped" and r["pid"] not in old_pids for r in _runs(d))
+            for d in _trial_dirs(experiment)
+        )
+
+    snapshots: list[dict[str, tuple[str, int]]] = []
+    seen: dict[str, tuple[str, int]] = {}
+    old_pids: set[int] = set()
+    for args, point, extra_wait in ((first, first_report, 0.0), (resume, last_report_recorded, 0.0),
+                                    (resume, mid_trial, 2.0)):  # fmt: skip
+        seen = finished()
+        old_pids = {r["pid"] for d in _trial_dirs(experiment) for r in _runs(d)}
+        proc = _driver(args, fake_home)
+        try:
+            _run_until(proc, point)
+            time.sleep(extra_wait)
+        finally:
+            _kill_all(proc)
+        snapshots.append(finished())
+    assert snapshots[-1], "no trial finished before the last kill"
+
+    proc = _driver(resume, fake_home)
+    try:
+        assert proc.wait(timeout=240) == 0, "the resumed search did not complete"
+    finally:
+        _kill_all(proc)
+    final = finished()
+    assert len(final) == 3
+    for snapshot in snapshots:  # every trial finished at a kill kept its results and was not trained again
+        for trial, (results, starts) in snapshot.items():
+            assert final[trial] == (results, starts), trial
+    for d in _trial_dirs(experiment):
+        assert [r["training_iteration"] for r in _results(d)][-1] == 2
+    import csv
+
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert sorted(r["status"] for r in rows) == ["completed"] * 3
+    assert (out / "best.yaml").is_file()
+
+
+# ------------------------------------------------------------------------------------------------ PBT
+@pytest.mark.ray
+def test_pbt_exploit_takes_the_better_trials_weights_and_applies_the_new_freeze_boundary(
+    ray_env, tiny_model_dir, tmp_path
+):
+    recipe = _load_recipe("tune_search")
+    out = tmp_path / "pbt"
+    args = _search_args(
+        tiny_model_dir, out, "--scheduler", "pbt", "--num-samples", "2", "--max-epochs", "3",
+        "--perturbation-interval", "1", "--strategies", "layers", "--no-baseline", "--lr-min", "1e-5",
+        "--lr-max", "1e-2", "--seed", "3",
+    )  # fmt: skip
+    summary = recipe.run_search(args)
+    assert summary["complete"]
+    experiment = Path(summary["experiment_path"])
+    exploits = [(d, r) for d in _trial_dirs(experiment) for r in _runs(d) if r["start"] == "exploit"]
+    assert exploits, "no PBT exploit happened"
+    for trial_dir, record in exploits:
+        donor = record["from_trial"]
+        assert donor != trial_dir.name.removeprefix("trial_")
+        # the weights right after loading are the donor's at that checkpoint (its digest, computed when it saved)
+        assert record["weights_digest"] == record["donor_weights_digest"]
+        assert record["global_step"] == record["from_step"] > 0
+        # the freeze boundary of the (perturbed) config is applied on the loaded weights
+        k = record["freeze_bottom_blocks"]
+        expected = {n for n in record["frozen"] if n.startswith("bert.embeddings.")} | {
+            n for n in record["frozen"] for i in range(k) if n.startswith(f"bert.encoder.layer.{i}.")
+        }
+        assert set(record["frozen"]) == expected
+        assert any(n.startswith(f"bert.encoder.layer.{k - 1}.") for n in record["frozen"])
+        assert not any(n.startswith(f"bert.encoder.layer.{k}.") for n in record["frozen"])
+        # the donor's freeze state at that checkpoint came with it
+        assert record["donor_frozen_blocks"] is not None
