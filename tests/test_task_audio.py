@@ -276,17 +276,3 @@ def test_tl_plugin_train_without_a_model_says_to_pass_one(audio_folder, tmp_path
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert result.returncode == 2
     assert "--model_name_or_path" in result.stdout + result.stderr
-
-
-# ------------------------------------------------------------------------------------------------- docs
-def test_the_audio_classification_page_examples_run(tmp_path, monkeypatch):
-    page = ROOT / "docs" / "tasks" / "audio-classification.md"
-    blocks = re.findall(r"^```python[^\n]*\n(.*?)^```", page.read_text(), re.S | re.M)
-    assert blocks
-    monkeypatch.chdir(tmp_path)
-    namespace: dict[str, object] = {"__name__": "__docs__"}
-    for number, block in enumerate(blocks, start=1):
-        try:
-            exec(compile(block, f"{page.name}[block {number}]", "exec"), namespace)
-        except Exception as err:
-            raise AssertionError(f"{page.name}, python block {number} failed:\n{block}") from err

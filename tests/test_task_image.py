@@ -291,17 +291,3 @@ def test_tl_plugin_train_on_an_image_folder(image_folder, tiny_vit, tmp_path):
     assert (out / "confusion_matrix.png").is_file()
     assert (out / "final" / "preprocessor_config.json").is_file()
     assert "Task: image-classification" in result.stdout
-
-
-# ------------------------------------------------------------------------------------------------- docs
-def test_the_image_classification_page_examples_run(tmp_path, monkeypatch):
-    page = ROOT / "docs" / "tasks" / "image-classification.md"
-    blocks = re.findall(r"^```python[^\n]*\n(.*?)^```", page.read_text(), re.S | re.M)
-    assert blocks
-    monkeypatch.chdir(tmp_path)
-    namespace: dict[str, object] = {"__name__": "__docs__"}
-    for number, block in enumerate(blocks, start=1):
-        try:
-            exec(compile(block, f"{page.name}[block {number}]", "exec"), namespace)
-        except Exception as err:
-            raise AssertionError(f"{page.name}, python block {number} failed:\n{block}") from err

@@ -1,5 +1,5 @@
 """Token classification (`tl_plugin.app.tasks.token`): column detection, tag checks, sub-word alignment, seqeval
-metrics, the report, a short training run through the task's methods, the docs page, and ``tl-plugin train --task
+metrics, the report, a short training run through the task's methods, and ``tl-plugin train --task
 token-classification`` end to end.
 
 The data is a synthetic NER set written by the tests: a capitalised word from a fixed list of first names is
@@ -12,7 +12,6 @@ import doctest
 import json
 import os
 import random
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -422,21 +421,6 @@ def test_a_short_training_run_through_the_task_methods(
     json.dumps(report)
     assert report["words"] == sum(len(r["tokens"]) for r in data["validation"])
     assert report["accuracy"] == pytest.approx(metrics["eval_accuracy"])
-
-
-# ------------------------------------------------------------------------------------------------- docs
-def test_the_docs_page_python_blocks_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_torch_thread):
-    page = ROOT / "docs" / "tasks" / "token-classification.md"
-    blocks = [
-        b
-        for b in re.findall(r"^```python[^\n]*\n(.*?)^```", page.read_text(), re.S | re.M)
-        if not b.lstrip().startswith("# doc-test: skip")
-    ]
-    assert blocks
-    monkeypatch.chdir(tmp_path)
-    namespace: dict[str, Any] = {"__name__": "__docs__"}
-    for number, block in enumerate(blocks, start=1):
-        exec(compile(block, f"{page.name}[block {number}]", "exec"), namespace)
 
 
 # ------------------------------------------------------------------------------------------------- command line
