@@ -68,7 +68,9 @@ def test_a_trial_that_fails_once_resumes_from_its_checkpoint_with_equal_metrics(
         grid = tune.Tuner(
             trainable,
             param_space=space,
-            tune_config=tune.TuneConfig(metric="eval_loss", mode="min", trial_dirname_creator=tlt.trial_dirname),
+            tune_config=tune.TuneConfig(
+                metric="eval_loss", mode="min", trial_dirname_creator=tlt.trial_dirname
+            ),
             run_config=tune.RunConfig(
                 name="fail-once",
                 storage_path=str(tmp_path / "ray_results"),
@@ -145,10 +147,13 @@ def _run_until(proc: subprocess.Popen, condition, timeout: float = 150) -> None:
 
 
 @pytest.mark.ray
-def test_a_driver_killed_at_any_moment_loses_and_repeats_no_finished_trial(tiny_model_dir, tmp_path, fake_home):
+def test_a_driver_killed_at_any_moment_loses_and_repeats_no_finished_trial(
+    tiny_model_dir, tmp_path, fake_home
+):
     out = tmp_path / "search"
     experiment = out / "ray_results" / "tl-search"
-    base = ["--model_name_or_path", tiny_model_dir, "--output-dir", str(out), "--train-size", "64",
+    # 256 reviews: an epoch takes a few seconds, so that the kill points fall inside trials
+    base = ["--model_name_or_path", tiny_model_dir, "--output-dir", str(out), "--train-size", "256",
             "--metric", "eval_loss", "--mode", "min", "--quiet-workers", "--verbose", "0"]  # fmt: skip
     first = [*base, "--num-samples", "3", "--max-epochs", "2", "--max-concurrent", "1"]
     resume = [*base, "--resume"]
@@ -161,11 +166,11 @@ def test_a_driver_killed_at_any_moment_loses_and_repeats_no_finished_trial(tiny_
             if (d / tlt.FINISHED_FILE).is_file()
         }
 
-    def first_report() -> bool:
-        return any(_results(d) for d in _trial_dirs(experiment))
+    def first_report() -> bool:  # the driver wrote a trial's first epoch (of 2) into result.json
+        return any(len(_results(d)) == 1 for d in _trial_dirs(experiment))
 
-    def last_report_recorded() -> bool:  # the driver wrote a trial's last (2nd) epoch into result.json
-        return any(len(_results(d)) >= 2 and d.name not in seen for d in _trial_dirs(experiment))
+    def last_report() -> bool:  # a trial wrote FINISHED_FILE, just before its last report reaches the driver
+        return any((d / tlt.FINISHED_FILE).is_file() and d.name not in seen for d in _trial_dirs(experiment))
 
     def mid_trial() -> bool:  # a trial not finished before this run started training in this run
         return any(
@@ -176,7 +181,7 @@ def test_a_driver_killed_at_any_moment_loses_and_repeats_no_finished_trial(tiny_
     snapshots: list[dict[str, tuple[str, int]]] = []
     seen: dict[str, tuple[str, int]] = {}
     old_pids: set[int] = set()
-    for args, point, extra_wait in ((first, first_report, 0.0), (resume, last_report_recorded, 0.0),
+    for args, point, extra_wait in ((first, first_report, 0.0), (resume, last_report, 0.0),
                                     (resume, mid_trial, 2.0)):  # fmt: skip
         seen = finished()
         old_pids = {r["pid"] for d in _trial_dirs(experiment) for r in _runs(d)}
@@ -188,6 +193,7 @@ def test_a_driver_killed_at_any_moment_loses_and_repeats_no_finished_trial(tiny_
             _kill_all(proc)
         snapshots.append(finished())
     assert snapshots[-1], "no trial finished before the last kill"
+    assert len(snapshots[0]) < 3, "the first kill came after every trial finished"
 
     proc = _driver(resume, fake_home)
     try:
@@ -201,6 +207,10 @@ def test_a_driver_killed_at_any_moment_loses_and_repeats_no_finished_trial(tiny_
             assert final[trial] == (results, starts), trial
     for d in _trial_dirs(experiment):
         assert [r["training_iteration"] for r in _results(d)][-1] == 2
+    # the case of the bug: a trial that finished while Ray's saved state still had it running was restarted by
+    # Tuner.restore, found its FINISHED_FILE and returned without training
+    skipped = [d.name for d in _trial_dirs(experiment) if any(r["start"] == "skipped" for r in _runs(d))]
+    assert skipped, "no kill landed between a trial's last report and Ray recording it"
     import csv
 
     rows = list(csv.DictReader((out / "results.csv").open()))

@@ -573,8 +573,13 @@ class TuneReportCallback(TrainerCallback):
         if finished and self.trial_dir:
             # before the report: `ray.tune.report` may not return once the driver has the result (it waits for the
             # driver's next request), and a driver killed now must still see this trial as finished on --resume
-            _write_json(Path(self.trial_dir) / FINISHED_FILE, {"trial_id": self.trial_id, "metrics": report,
-                                                               "epoch": epoch, "global_step": state.global_step})
+            record = {
+                "trial_id": self.trial_id,
+                "metrics": report,
+                "epoch": epoch,
+                "global_step": state.global_step,
+            }
+            _write_json(Path(self.trial_dir) / FINISHED_FILE, record)
         ray.tune.report(report, checkpoint=ray.tune.Checkpoint.from_directory(str(folder)))
         _maybe_fail_once(self.trial_id)
 
