@@ -293,9 +293,11 @@ def run_search(args: argparse.Namespace, extra_callbacks: Sequence[Any] = ()) ->
                     name=args.name,
                     storage_path=storage_path,
                     failure_config=tune.FailureConfig(max_failures=search["max_failures"], fail_fast=False),
-                    # every epoch's Trainer checkpoint (weights, optimizer, scheduler, RNG, schedule phase); two kept,
-                    # so that a PBT exploit never reads one being deleted
-                    checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                    # every epoch's Trainer checkpoint (weights, optimizer, scheduler, RNG, schedule phase); PBT keeps
+                    # more, so that an exploit never reads one being deleted
+                    checkpoint_config=tune.CheckpointConfig(
+                        num_to_keep=4 if search.get("scheduler") == "pbt" else 2
+                    ),
                     callbacks=[tlt.ResultsCSVCallback(csv_path, settings.to_dict()), *extra_callbacks],
                     verbose=args.verbose,
                 ),
@@ -317,6 +319,7 @@ def _scheduler(search: dict[str, Any], settings: Any) -> Any:
         return PopulationBasedTraining(
             time_attr="training_iteration",
             perturbation_interval=search.get("perturbation_interval", 1),
+            synch=True,  # every trial reaches the interval before the bottom ones exploit the top ones
             hyperparam_mutations={
                 "learning_rate": tune.loguniform(low, high),
                 "freeze_bottom_blocks": list(range(1, settings.num_blocks + 1)),
