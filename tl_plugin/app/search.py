@@ -67,6 +67,10 @@ def build_search_parser(prog: str = "tl-plugin search") -> SearchParser:
     where.add_argument(*_both("address"), default=None, help="Ray cluster address (default: $RAY_ADDRESS, else local).")
     where.add_argument(*_both("num_cpus"), type=int, default=2, help="CPUs of the local Ray (ignored with --address).")
     where.add_argument(*_both("cpus_per_trial"), type=float, default=1.0, help="CPUs reserved per trial.")
+    where.add_argument(
+        *_both("workers_per_trial"), type=int, default=1,
+        help="Each trial an N-worker DDP run through Ray Train (gloo on CPU); --cpus/gpus_per_trial then count per worker.",
+    )  # fmt: skip
     where.add_argument(*_both("gpus_per_trial"), type=float, default=0.0, help="GPU fraction per trial (e.g. 0.5).")
     where.add_argument(*_both("max_concurrent"), type=int, default=None, help="Most trials running at once.")
     where.add_argument(
@@ -184,6 +188,7 @@ def _check_own_data(args: argparse.Namespace, settings: Any) -> None:
 def run_search(args: argparse.Namespace, extra_callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     """Run (or resume) the search described by the parsed arguments; returns a summary of the outputs."""
     from .. import tune as tlt
+    from . import ray_checks, ray_trials
 
     tlt.require_ray()
     from ray import tune
@@ -194,6 +199,8 @@ def run_search(args: argparse.Namespace, extra_callbacks: Sequence[Any] = ()) ->
     output_dir.mkdir(parents=True, exist_ok=True)
     storage_path = tlt.absolute_storage_path(args.storage_path or output_dir / "ray_results")
     experiment_path = f"{storage_path.rstrip('/')}/{args.name}"
+    ray_checks.check_address(args.address)  # one line within seconds, not Ray's long connect retries
+    ray_checks.check_storage_path(storage_path)  # before any trial starts
     settings_file = output_dir / "search.json"
 
     if args.resume:
@@ -245,6 +252,11 @@ def run_search(args: argparse.Namespace, extra_callbacks: Sequence[Any] = ()) ->
         trainable = tune.with_resources(
             tune.with_parameters(tlt.train_transfer_trial, settings=settings.to_dict()), resources
         )
+        if args.workers_per_trial > 1:  # tl_plugin.app.ray_trials: a TorchTrainer per trial
+            trainable = ray_trials.distributed_trainable(
+                settings.to_dict(), args.workers_per_trial, cpus_per_worker=args.cpus_per_trial,
+                gpus_per_worker=args.gpus_per_trial, experiment_path=experiment_path,
+            )  # fmt: skip
         if args.resume:
             if not tune.Tuner.can_restore(experiment_path):
                 raise UsageError(f"--resume: no restorable Ray Tune experiment at {experiment_path}")
