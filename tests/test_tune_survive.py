@@ -4,22 +4,13 @@ Real local Ray, real trials on the tiny 3-block BERT of ``test_tune.py`` with 64
 
 - a trial that raises once (fault injection, ``TL_TUNE_FAIL_ONCE``) after its first epoch resumes from that epoch's
   checkpoint and ends with the same metrics as an identical trial that never failed;
-- ``tl-plugin search`` run as a subprocess and killed with SIGKILL (the whole process group) after a trial's first
-  report, right after a trial's last report, and mid-trial, then ``--resume``d each time: the search completes, and
-  no trial that had finished is trained again (its ``result.json`` is unchanged, its runs file has no new training
-  start);
 - Population Based Training: an exploiting trial starts from the better trial's weights (digest equal to the one the
   better trial computed when it saved that checkpoint) and with the perturbed freeze boundary applied to them.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -39,6 +30,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def _runs(trial_dir: Path) -> list[dict]:
     path = trial_dir / tlt.RUNS_FILE
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def _trial_dirs(experiment: Path) -> list[Path]:
+    return sorted(experiment.glob("trial_*")) if experiment.is_dir() else []
 
 
 def _results(trial_dir: Path) -> list[dict]:
@@ -99,123 +94,6 @@ def test_a_trial_that_fails_once_resumes_from_its_checkpoint_with_equal_metrics(
         for key in ("eval_loss", "eval_accuracy", "epoch"):
             assert a[key] == pytest.approx(b[key], rel=0, abs=1e-6), (key, a[key], b[key])
     assert (dirs[failed_id] / tlt.FINISHED_FILE).is_file()
-
-
-# ------------------------------------------------------------------------------------------------ SIGKILL
-def _driver(args: list[str], home: Path) -> subprocess.Popen:
-    env = {**os.environ, "HOME": str(home), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "OMP_NUM_THREADS": "1", "RAY_DEDUP_LOGS": "1", "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
-    for name in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE", tlt.FAIL_ONCE_ENV):
-        env.pop(name, None)
-    return subprocess.Popen(
-        [str(ROOT / ".venv" / "bin" / "tl-plugin"), "search", *args],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,  # its own process group and session: the driver and what it started
-    )
-
-
-def _kill_all(proc: subprocess.Popen) -> None:
-    """SIGKILL the driver (its whole process group), then anything left in its session (Ray's processes)."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
-    for _ in range(20):
-        listed = subprocess.run(["ps", "-o", "pid=", "-s", str(proc.pid)], capture_output=True, text=True)
-        pids = [int(p) for p in listed.stdout.split()]
-        if not pids:
-            return
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        time.sleep(0.5)
-
-
-def _trial_dirs(experiment: Path) -> list[Path]:
-    return sorted(experiment.glob("trial_*")) if experiment.is_dir() else []
-
-
-def _run_until(proc: subprocess.Popen, condition, timeout: float = 150) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        assert proc.poll() is None, f"the driver ended (rc {proc.returncode}) before the kill point"
-        time.sleep(0.05)
-    raise AssertionError("kill point not reached in time")
-
-
-@pytest.mark.ray
-def test_a_driver_killed_at_any_moment_loses_and_repeats_no_finished_trial(
-    tiny_model_dir, tmp_path, fake_home
-):
-    out = tmp_path / "search"
-    experiment = out / "ray_results" / "tl-search"
-    # 256 reviews: an epoch takes a few seconds, so that the kill points fall inside trials
-    base = ["--model_name_or_path", tiny_model_dir, "--output-dir", str(out), "--train-size", "256",
-            "--metric", "eval_loss", "--mode", "min", "--quiet-workers", "--verbose", "0"]  # fmt: skip
-    first = [*base, "--num-samples", "3", "--max-epochs", "2", "--max-concurrent", "1"]
-    resume = [*base, "--resume"]
-
-    def finished() -> dict[str, tuple[str, int]]:
-        """trial -> (its result.json, its number of training starts), for trials that wrote FINISHED_FILE."""
-        return {
-            d.name: ((d / "result.json").read_text(), sum(r["start"] != "skipped" for r in _runs(d)))
-            for d in _trial_dirs(experiment)
-            if (d / tlt.FINISHED_FILE).is_file()
-        }
-
-    def first_report() -> bool:  # the driver wrote a trial's first epoch (of 2) into result.json
-        return any(len(_results(d)) == 1 for d in _trial_dirs(experiment))
-
-    def last_report() -> bool:  # a trial wrote FINISHED_FILE, just before its last report reaches the driver
-        return any((d / tlt.FINISHED_FILE).is_file() and d.name not in seen for d in _trial_dirs(experiment))
-
-    def mid_trial() -> bool:  # a trial not finished before this run started training in this run
-        return any(
-            d.name not in seen and any(r["start"] != "skipped" and r["pid"] not in old_pids for r in _runs(d))
-            for d in _trial_dirs(experiment)
-        )
-
-    snapshots: list[dict[str, tuple[str, int]]] = []
-    seen: dict[str, tuple[str, int]] = {}
-    old_pids: set[int] = set()
-    for args, point, extra_wait in ((first, first_report, 0.0), (resume, last_report, 0.0),
-                                    (resume, mid_trial, 2.0)):  # fmt: skip
-        seen = finished()
-        old_pids = {r["pid"] for d in _trial_dirs(experiment) for r in _runs(d)}
-        proc = _driver(args, fake_home)
-        try:
-            _run_until(proc, point)
-            time.sleep(extra_wait)
-        finally:
-            _kill_all(proc)
-        snapshots.append(finished())
-    assert snapshots[-1], "no trial finished before the last kill"
-    assert len(snapshots[0]) < 3, "the first kill came after every trial finished"
-
-    proc = _driver(resume, fake_home)
-    try:
-        assert proc.wait(timeout=240) == 0, "the resumed search did not complete"
-    finally:
-        _kill_all(proc)
-    final = finished()
-    assert len(final) == 3
-    for snapshot in snapshots:  # every trial finished at a kill kept its results and was not trained again
-        for trial, (results, starts) in snapshot.items():
-            assert final[trial] == (results, starts), trial
-    for d in _trial_dirs(experiment):
-        assert [r["training_iteration"] for r in _results(d)][-1] == 2
-    # the case of the bug: a trial that finished while Ray's saved state still had it running was restarted by
-    # Tuner.restore, found its FINISHED_FILE and returned without training
-    skipped = [d.name for d in _trial_dirs(experiment) if any(r["start"] == "skipped" for r in _runs(d))]
-    assert skipped, "no kill landed between a trial's last report and Ray recording it"
-    import csv
-
-    rows = list(csv.DictReader((out / "results.csv").open()))
-    assert sorted(r["status"] for r in rows) == ["completed"] * 3
-    assert (out / "best.yaml").is_file()
 
 
 # ------------------------------------------------------------------------------------------------ PBT
