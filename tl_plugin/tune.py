@@ -767,6 +767,8 @@ def train_transfer_trial(config: dict[str, Any], settings: Mapping[str, Any]) ->
     context = ray.tune.get_context()
     trial_id = context.get_trial_id()
     trial_dir = context.get_trial_dir()
+    if trial_dir:  # on a Ray worker node (not the driver's), Ray does not create it before the trial writes to it
+        Path(trial_dir).mkdir(parents=True, exist_ok=True)
     if trial_dir and Path(trial_dir, FINISHED_FILE).is_file():
         _append_run(trial_dir, {"start": "skipped", "why": FINISHED_FILE})
         return
