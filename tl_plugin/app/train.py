@@ -370,13 +370,19 @@ def _print_summary(task: Task, metrics: dict[str, Any], report: dict[str, Any], 
 
     split = metrics["report_split"]
     print("\n" + "=" * 64)
+    prefix = f"{split} "
     for line in task.summary_lines(report):
-        print(line if line.startswith("majority") else f"{split} {line}")
+        if line.startswith("majority"):  # a baseline, not a score of the split: aligned without the prefix
+            name, value = line.rsplit(maxsplit=1)
+            print(f"{name:<{29 + len(prefix)}} {value}")
+        else:
+            print(prefix + line)
     if "per_class" in report:
         print("\n" + format_per_class(report["per_class"]) + "\n")
-    print(f"wall time                     {metrics['total_runtime_s']:.0f} s")
-    print(f"model                         {out / 'final'}")
-    print(f"metrics                       {out / 'metrics.json'}")
+    width = 30 + len(prefix)
+    print(f"{'wall time':<{width}}{metrics['total_runtime_s']:.0f} s")
+    print(f"{'model':<{width}}{out / 'final'}")
+    print(f"{'metrics':<{width}}{out / 'metrics.json'}")
     if (out / "confusion_matrix.png").is_file():
-        print(f"confusion matrix              {out / 'confusion_matrix.png'}")
+        print(f"{'confusion matrix':<{width}}{out / 'confusion_matrix.png'}")
     print("=" * 64)
