@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import TransferConfig
+from ..distributed import check_ddp_will_wrap
 from .arguments import (
     TRAINING_DEFAULTS,
     DataArguments,
@@ -215,14 +216,6 @@ def class_weight_loss(spec: str, prepared: PreparedRun) -> Any:
 
 
 # ------------------------------------------------------------------------------------------------- the run
-def _distributed_check(training_args: Any) -> None:
-    try:
-        from ..distributed import check_ddp_will_wrap
-    except ImportError:  # pragma: no cover  (older layouts)
-        return
-    check_ddp_will_wrap(training_args, "tl-plugin train")
-
-
 def print_plan(options: TrainOptions, prepared: PreparedRun) -> None:
     raw = prepared.raw
     sizes = " / ".join(f"{raw[s].num_rows} {s}" for s in raw)
@@ -250,7 +243,7 @@ def run_train(argv: list[str]) -> dict[str, Any]:
     training_args = options.training
     is_main = training_args.process_index == 0
     loss = class_weight_loss(options.data.class_weights, prepared)
-    _distributed_check(training_args)
+    check_ddp_will_wrap(training_args, "tl-plugin train")  # a world size > 1 that DDP would not wrap stops here
     if is_main:
         print_plan(options, prepared)
     metrics = train_prepared(options, prepared, loss, started)
