@@ -44,6 +44,13 @@ def _groups(argv: list[str]) -> object:
     return 0
 
 
+def _lr_find(argv: list[str]) -> object:
+    from .lr_find import run_lr_find
+
+    run_lr_find(argv)
+    return 0
+
+
 def _demo_data(argv: list[str]) -> object:
     from .demo_data import run_demo_data
 
@@ -54,6 +61,7 @@ def _demo_data(argv: list[str]) -> object:
 COMMANDS: dict[str, Command] = {
     "train": Command("fine-tune a pretrained model on your data (or the bundled demo) with a transfer strategy", _train),
     "search": Command("search learning rate and which layers to transfer with Ray Tune, on the same data options", _search),
+    "lr-find": Command("learning-rate range test on the same model/data/transfer options as train; suggests an lr", _lr_find),
     "groups": Command("print a model's layer groups (embeddings, blocks, head) and their sizes", _groups),
     "demo-data": Command("write the bundled fine-food reviews as CSV files (to try the own-data path)", _demo_data),
 }
