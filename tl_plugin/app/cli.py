@@ -1,4 +1,4 @@
-"""``tl-plugin``: the command line (``train``, ``search``, ``groups``).
+"""``tl-plugin``: the command line (``train``, ``search``, ``groups``, ``scan``).
 
 Every subcommand has a ``--help`` that loads nothing. Unknown flags are rejected with the nearest valid one; a
 missing or bad value is one line on stderr and exit code 2 (``--debug`` shows the traceback).
@@ -51,6 +51,13 @@ def _lr_find(argv: list[str]) -> object:
     return 0
 
 
+def _scan(argv: list[str]) -> object:
+    from .scan import run_scan
+
+    run_scan(argv)
+    return 0
+
+
 def _demo_data(argv: list[str]) -> object:
     from .demo_data import run_demo_data
 
@@ -63,6 +70,7 @@ COMMANDS: dict[str, Command] = {
     "search": Command("search learning rate and which layers to transfer with Ray Tune, on the same data options", _search),
     "lr-find": Command("learning-rate range test on the same model/data/transfer options as train; suggests an lr", _lr_find),
     "groups": Command("print a model's layer groups (embeddings, blocks, head) and their sizes", _groups),
+    "scan": Command("score every layer's frozen features (linear probe, LogME) and recommend what to freeze", _scan),
     "demo-data": Command("write the bundled fine-food reviews as CSV files (to try the own-data path)", _demo_data),
 }
 
