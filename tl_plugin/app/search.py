@@ -22,6 +22,7 @@ from typing import Any
 from .arguments import DataArguments, ModelArguments
 from .errors import UsageError
 from .parser import CommandParser
+from .resume_check import data_fingerprint, explicit_options, resume_differences
 
 __all__ = ["DEFAULT_NAME", "DEFAULT_OUTPUT_DIR", "build_search_parser", "main", "run_search", "user_train_flags"]
 
@@ -43,7 +44,9 @@ class SearchParser(CommandParser):
     (the train options) and the search options."""
 
     def parse_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> argparse.Namespace:  # type: ignore[override]
-        (model_args, data_args), rest = self.parse(list(args or []))
+        argv = list(args or [])
+        (model_args, data_args), rest = self.parse(argv)
+        rest.explicit = explicit_options(self, argv)  # what --resume must check against the saved search
         rest.model = model_args
         rest.data = data_args
         rest.model_path = model_args.model_name_or_path
@@ -146,6 +149,24 @@ def user_train_flags(model_args: ModelArguments, data_args: DataArguments) -> li
     return flags
 
 
+def search_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The search space and scheduler options of a parsed command line, as saved in ``search.json``."""
+    return {
+        "num_samples": args.num_samples,
+        "lr_range": [args.lr_min, args.lr_max],
+        "strategies": list(args.strategies),
+        "gradual_unfreezing": bool(args.gradual_unfreezing),
+        "l2sp": bool(args.l2sp),
+        "baseline": not args.no_baseline,
+        "grace_period": args.grace_period,
+        "reduction_factor": args.reduction_factor,
+        "scheduler": args.scheduler,
+        "perturbation_interval": args.perturbation_interval,
+        "max_failures": args.max_failures,
+        "workers_per_trial": args.workers_per_trial,
+    }
+
+
 def _num_blocks(args: argparse.Namespace, model_path: str | None) -> int:
     """The block count of the search's model (for the search space), from layer discovery."""
     from .. import tune as tlt
@@ -207,8 +228,17 @@ def run_search(args: argparse.Namespace, extra_callbacks: Sequence[Any] = ()) ->
         if not settings_file.is_file():
             raise UsageError(f"--resume: {settings_file} not found; is --output-dir the folder of the first run?")
         saved = json.loads(settings_file.read_text())
+        differences = resume_differences(
+            args, saved, explicit=getattr(args, "explicit", set()), train_flags=user_train_flags(args.model, args.data)
+        )
+        if differences:
+            raise UsageError(
+                f"--resume: not the search that was started in {output_dir}: " + "; ".join(differences)
+                + ". Resume without changing these, or start a new search with another --output_dir."
+            )
         settings = tlt.SearchSettings.from_dict(saved["settings"])
         search = saved["search"]
+        search.setdefault("workers_per_trial", 1)
         experiment_path = saved["experiment_path"]
     else:
         if tune.Tuner.can_restore(experiment_path):  # before search.json is overwritten
@@ -218,23 +248,14 @@ def run_search(args: argparse.Namespace, extra_callbacks: Sequence[Any] = ()) ->
             )
         settings = _settings(args, output_dir)
         _check_own_data(args, settings)
-        search = {
-            "num_samples": args.num_samples,
-            "lr_range": [args.lr_min, args.lr_max],
-            "strategies": list(args.strategies),
-            "gradual_unfreezing": bool(args.gradual_unfreezing),
-            "l2sp": bool(args.l2sp),
-            "baseline": not args.no_baseline,
-            "grace_period": args.grace_period,
-            "reduction_factor": args.reduction_factor,
-            "scheduler": args.scheduler,
-            "perturbation_interval": args.perturbation_interval,
-            "max_failures": args.max_failures,
+        search = search_options(args)
+        saved = {
+            "settings": settings.to_dict(),
+            "search": search,
+            "experiment_path": experiment_path,
+            "data_fingerprint": data_fingerprint(args.data),
         }
-        settings_file.write_text(
-            json.dumps({"settings": settings.to_dict(), "search": search, "experiment_path": experiment_path}, indent=2)
-            + "\n"
-        )
+        settings_file.write_text(json.dumps(saved, indent=2) + "\n")
 
     csv_path = output_dir / "results.csv"
     data_desc = " ".join(settings.train_args) or f"{settings.train_size} bundled fine-food reviews"
@@ -252,9 +273,9 @@ def run_search(args: argparse.Namespace, extra_callbacks: Sequence[Any] = ()) ->
         trainable = tune.with_resources(
             tune.with_parameters(tlt.train_transfer_trial, settings=settings.to_dict()), resources
         )
-        if args.workers_per_trial > 1:  # tl_plugin.app.ray_trials: a TorchTrainer per trial
+        if search["workers_per_trial"] > 1:  # tl_plugin.app.ray_trials: a TorchTrainer per trial
             trainable = ray_trials.distributed_trainable(
-                settings.to_dict(), args.workers_per_trial, cpus_per_worker=args.cpus_per_trial,
+                settings.to_dict(), search["workers_per_trial"], cpus_per_worker=args.cpus_per_trial,
                 gpus_per_worker=args.gpus_per_trial, experiment_path=experiment_path,
             )  # fmt: skip
         if args.resume:
