@@ -70,7 +70,9 @@ def _worker_loop(loop_config: Mapping[str, Any]) -> None:
         run = build_run(options, prepared, loss, callbacks=[*extra, RayTrainReportCallback()])
         trainer = prepare_trainer(run.trainer)
         trainer.remove_callback(PrinterCallback)
-        trainer.train()
+        trainer.add_callback(_fail_once_after_report())  # after RayTrainReportCallback: only with TL_TUNE_FAIL_ONCE set
+        resume_from = _restored_checkpoint(output_dir)
+        trainer.train(resume_from_checkpoint=resume_from)
         sync = ranks_in_sync(trainer) or {"world_size": 1, "wrapped_in": type(trainer.model_wrapped).__name__}
         record_dir = loop_config.get("record_dir")
         if record_dir:
@@ -85,6 +87,9 @@ def _worker_loop(loop_config: Mapping[str, Any]) -> None:
                 "unfreeze_phase": phases[0] if phases else None,
                 "trainable_parameters": sorted(n for n, p in model.named_parameters() if p.requires_grad),
                 "pid": os.getpid(),
+                "resumed_from": Path(resume_from).parent.name if resume_from else None,
+                "global_step": trainer.state.global_step,
+                "eval_loss": _last_eval_loss(trainer),
             }
             Path(record_dir).mkdir(parents=True, exist_ok=True)
             (Path(record_dir) / RANK_FILE.format(rank=rank)).write_text(json.dumps(record, indent=1) + "\n")
@@ -94,6 +99,39 @@ def _worker_loop(loop_config: Mapping[str, Any]) -> None:
         shutil.rmtree(output_dir, ignore_errors=True)
 
 
+def _restored_checkpoint(scratch_dir: str) -> str | None:
+    """The Trainer checkpoint folder to resume from, when Ray Train restarts the workers of a failed run (its
+    latest reported checkpoint, copied under `scratch_dir`); `None` for a fresh start."""
+    import ray.train
+    from ray.train.huggingface.transformers import RayTrainReportCallback
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    local = Path(scratch_dir, "restored", Path(checkpoint.path).name)
+    checkpoint.to_directory(str(local))
+    return str(local / RayTrainReportCallback.CHECKPOINT_NAME)
+
+
+def _last_eval_loss(trainer: Any) -> float | None:
+    losses = [entry["eval_loss"] for entry in trainer.state.log_history if "eval_loss" in entry]
+    return float(losses[-1]) if losses else None
+
+
+def _fail_once_after_report() -> Any:
+    """Fault injection for the tests (``TL_TUNE_FAIL_ONCE``, as for plain trials): a callback, placed after
+    `RayTrainReportCallback`, with which the first worker to save a checkpoint raises once, after the report."""
+    from transformers import TrainerCallback
+
+    from .. import tune as tlt
+
+    class FailOnceAfterReport(TrainerCallback):
+        def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            tlt._maybe_fail_once(f"ray-train-worker-step-{state.global_step}")
+
+    return FailOnceAfterReport()
+
+
 def train_distributed_trial(
     config: dict[str, Any],
     settings: Mapping[str, Any],
@@ -101,6 +139,7 @@ def train_distributed_trial(
     use_gpu: bool = False,
     cpus_per_worker: float = 1.0,
     experiment_path: str | None = None,
+    max_failures: int = 0,
 ) -> None:
     """The Tune function trainable of a distributed trial: a `TorchTrainer` with ``workers`` workers (gloo on CPU)
     that each train the sampled config; their epoch metrics are reported to Tune.
@@ -108,9 +147,13 @@ def train_distributed_trial(
     Wrap it with ``tune.with_parameters(train_distributed_trial, settings=..., workers=2,
     experiment_path=...)`` and ``tune.with_resources(..., {"cpu": 0, "memory": 2**20})``: the trial itself only waits, the workers
     hold the resources.
+
+    A worker that fails (its process, its node) makes Ray Train restart the worker group up to `max_failures`
+    times; the restarted workers resume from the run's last reported Trainer checkpoint (weights, optimizer,
+    scheduler, RNG, the callbacks' state), so the trial continues as it would have without the failure.
     """
     import ray.tune
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -129,6 +172,7 @@ def train_distributed_trial(
         run_config=RunConfig(
             name="ray_train",
             storage_path=storage,
+            failure_config=FailureConfig(max_failures=max_failures),
             callbacks=[TuneReportCallback()],  # type: ignore[list-item]  # a Train V2 callback (Ray's stubs: V1)
         ),
     )
@@ -142,6 +186,7 @@ def distributed_trainable(
     cpus_per_worker: float = 1.0,
     gpus_per_worker: float = 0.0,
     experiment_path: str | None = None,
+    max_failures: int = 0,
 ) -> Any:
     """``train_distributed_trial`` bound to the search's settings, with the trial's own resources set to none
     (its workers reserve ``cpus_per_worker`` / ``gpus_per_worker`` each): ready for ``tune.Tuner``."""
@@ -154,6 +199,7 @@ def distributed_trainable(
         use_gpu=gpus_per_worker > 0,
         cpus_per_worker=cpus_per_worker,
         experiment_path=experiment_path,
+        max_failures=max_failures,
     )
     # no CPU for the waiting trial (a CPU held by it would be missing for the workers), but Tune needs some
     # resource in the request: a token amount of memory

@@ -277,6 +277,7 @@ def run_search(args: argparse.Namespace, extra_callbacks: Sequence[Any] = ()) ->
             trainable = ray_trials.distributed_trainable(
                 settings.to_dict(), search["workers_per_trial"], cpus_per_worker=args.cpus_per_trial,
                 gpus_per_worker=args.gpus_per_trial, experiment_path=experiment_path,
+                max_failures=search["max_failures"],
             )  # fmt: skip
         if args.resume:
             if not tune.Tuner.can_restore(experiment_path):
