@@ -236,3 +236,75 @@ def test_invalid_arguments_are_clear():
     with pytest.raises(ValueError, match="no BatchNorm layer"):
         freeze_batchnorm(bert, all_batchnorm=True)
     assert freeze_batchnorm(bert).module_names == ()
+
+
+# --------------------------------------------------------------------------------------------- trainable BatchNorm
+FROZEN_GROUPS = ["embeddings", "blocks.0"]
+
+
+def frozen_group_layers(model: nn.Module) -> tuple[list[str], list[str]]:
+    """(BatchNorm layers, other parameter names) of the frozen groups: the stem and stage 0."""
+    bn = [n for n in batchnorm_modules(model) if n == STEM_BN or n.startswith("resnet.encoder.stages.0.")]
+    others = [
+        n
+        for n, _ in model.named_parameters()
+        if (n.startswith("resnet.embedder.") or n.startswith("resnet.encoder.stages.0."))
+        and not any(n.startswith(layer + ".") for layer in bn)
+    ]
+    return bn, others
+
+
+@pytest.mark.parametrize("statistics", ["fixed", "updated"])
+def test_train_batchnorm_trains_the_affine_parameters_of_frozen_groups(tmp_path, statistics):
+    model = tiny_resnet()
+    freeze(model, FROZEN_GROUPS, train_batchnorm=True)
+    bn, others = frozen_group_layers(model)
+    assert len(bn) == 4
+    assert others
+    params_before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    stats_before = bn_state(model)
+    # fixed: every layer's statistics held by the callback, affine trains; updated: the default mode leaves layers
+    # with trainable parameters alone, so they normalise with batch statistics (fastai's / Lightning's train_bn)
+    callback = (
+        FreezeBatchNormCallback(all_batchnorm=True) if statistics == "fixed" else FreezeBatchNormCallback()
+    )
+    trainer = attach(
+        Trainer(model=model, args=training_args(tmp_path), train_dataset=RandomImages()), callback
+    )
+    trainer.train()
+
+    params = dict(model.named_parameters())
+    for name in others:  # the convolutions of the frozen groups: bit-identical
+        assert torch.equal(params[name], params_before[name]), name
+    for layer in bn:  # their BatchNorm affine parameters trained
+        for p in ("weight", "bias"):
+            assert not torch.equal(params[f"{layer}.{p}"], params_before[f"{layer}.{p}"]), (layer, p)
+    after = bn_state(model)
+    for layer in bn:
+        same = torch.equal(after[layer]["running_mean"], stats_before[layer]["running_mean"])
+        assert same == (statistics == "fixed"), layer
+    logged = [e["tl/frozen_batchnorm"] for e in trainer.state.log_history if "tl/frozen_batchnorm" in e]
+    assert logged == ([8.0] if statistics == "fixed" else [0.0])
+
+
+def test_without_train_batchnorm_the_frozen_groups_batchnorm_affine_stays(tmp_path):
+    model = tiny_resnet()
+    freeze(model, FROZEN_GROUPS)
+    bn, _ = frozen_group_layers(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = Trainer(model=model, args=training_args(tmp_path), train_dataset=RandomImages())
+    trainer.train()
+    params = dict(model.named_parameters())
+    for layer in bn:
+        assert torch.equal(params[f"{layer}.weight"], before[f"{layer}.weight"]), layer
+
+
+def test_old_config_name_is_a_deprecated_alias():
+    from tl_plugin.callbacks import batchnorm
+
+    with pytest.warns(DeprecationWarning, match="use `FreezeBatchNormConfig`"):
+        old = batchnorm.BatchNormFreezeConfig
+    assert old is batchnorm.FreezeBatchNormConfig
+    assert "BatchNormFreezeConfig" not in batchnorm.__all__
+    with pytest.raises(AttributeError):
+        _ = batchnorm.FreezeBatchNormConfiguration

@@ -316,9 +316,11 @@ def test_trainable_report_to_dict_holds_the_numbers_for_logging(tiny_bert):
     assert logged["trainable_params/percent"] == pytest.approx(100 * trainable_total / all_total, abs=1e-4)
     for group, (trainable, _) in expected.items():
         assert logged[f"trainable_params/{group}"] == float(trainable)
-    assert set(logged) == {"trainable_params/trainable", "trainable_params/total", "trainable_params/percent"} | {
-        f"trainable_params/{g}" for g in GROUP_PREFIXES
-    }
+    assert set(logged) == {
+        "trainable_params/trainable",
+        "trainable_params/total",
+        "trainable_params/percent",
+    } | {f"trainable_params/{g}" for g in GROUP_PREFIXES}
     assert all(isinstance(v, float) for v in logged.values())
     assert set(report.to_dict(prefix="tl")) == {k.replace("trainable_params/", "tl/") for k in logged}
 
@@ -405,3 +407,85 @@ def test_peft_original_copy_of_a_trained_head_is_never_marked_trainable():
     assert head_row.trainable == sum(p.numel() for n, p in model.named_parameters() if n in copy)
     with pytest.raises(ValueError, match="matches no parameter"):
         select_parameters(model, "re:.*original_module.*")
+
+
+# --------------------------------------------------------------------------------------------- trainable BatchNorm
+def tiny_conv_model():
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    torch.manual_seed(0)
+    return ResNetForImageClassification(
+        ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3)
+    )
+
+
+def bn_affine_names_by_hand(model) -> set[str]:
+    """BatchNorm affine parameters found from the module types, independently of the code under test."""
+    return {
+        f"{module_name}.{p}"
+        for module_name, module in model.named_modules()
+        if isinstance(module, torch.nn.BatchNorm2d)
+        for p in ("weight", "bias")
+    }
+
+
+def test_the_batchnorm_selector_selects_exactly_the_batchnorm_affine_parameters():
+    model = tiny_conv_model()
+    expected = bn_affine_names_by_hand(model)
+    assert len(expected) == 2 * 8  # stem 1, stage 0: 3 (bottleneck), stage 1: 4 (bottleneck + shortcut)
+    assert set(select_parameters(model, "batchnorm")) == expected
+
+
+def test_the_batchnorm_selector_on_a_model_without_batchnorm_matches_nothing(tiny_bert):
+    with pytest.raises(
+        ValueError, match=r"Selector 'batchnorm' matches no parameter.*'batchnorm' \(BatchNorm affine"
+    ):
+        select_parameters(tiny_bert, "batchnorm")
+
+
+def test_freeze_with_train_batchnorm_keeps_the_affine_parameters_of_the_frozen_groups_trainable():
+    model = tiny_conv_model()
+    bn = bn_affine_names_by_hand(model)
+    selected = set(select_parameters(model, ["embeddings", "blocks.0"]))
+    frozen = freeze(model, ["embeddings", "blocks.0"], train_batchnorm=True)
+    assert set(frozen) == selected - bn
+    assert selected & bn  # the groups do hold BatchNorm layers
+    assert set(frozen_names(model)) == selected - bn
+    # the default freezes the whole group, and a later train_batchnorm=True makes its BatchNorm affine trainable again
+    model = tiny_conv_model()
+    freeze(model, ["embeddings", "blocks.0"])
+    assert set(frozen_names(model)) == selected
+    freeze(model, ["embeddings", "blocks.0"], train_batchnorm=True)
+    assert set(frozen_names(model)) == selected - bn
+
+
+def test_train_batchnorm_in_freeze_all_but_freeze_to_and_freeze_bottom_blocks():
+    model = tiny_conv_model()
+    bn = bn_affine_names_by_hand(model)
+    head = set(select_parameters(model, "head"))
+    assert set(freeze_all_but(model, "head", train_batchnorm=True)) == head | bn
+    assert set(trainable_names(model)) == head | bn
+    model = tiny_conv_model()
+    freeze_to(model, -1, train_batchnorm=True)
+    assert set(trainable_names(model)) == head | bn
+    model = tiny_conv_model()
+    frozen = freeze_bottom_blocks(model, 1, train_batchnorm=True)
+    assert not set(frozen) & bn
+    assert set(frozen_names(model)) == set(select_parameters(model, ["embeddings", "blocks.0"])) - bn
+
+
+def test_train_batchnorm_through_a_transfer_config_selector():
+    from tl_plugin import TransferConfig, apply_transfer
+
+    model = tiny_conv_model()
+    apply_transfer(model, TransferConfig(strategy="layers", train_groups=["head", "batchnorm"]))
+    assert set(trainable_names(model)) == set(select_parameters(model, "head")) | bn_affine_names_by_hand(
+        model
+    )
+
+
+@pytest.mark.parametrize("function", [freeze, freeze_all_but])
+def test_train_batchnorm_must_be_a_bool(function):
+    model = tiny_conv_model()
+    with pytest.raises(ValueError, match=r"`train_batchnorm` must be True or False, got 'yes'"):
+        function(model, "embeddings", train_batchnorm="yes")

@@ -8,7 +8,10 @@ Selectors (strings) understood by :func:`select_parameters`, :func:`freeze` and 
 - a Python slice over the blocks: ``"blocks[:3]"`` (bottom 3), ``"blocks[-2:]"`` (top 2);
 - a glob over parameter names: ``"*.attention.*"``, ``"bert.encoder.layer.1.*"`` (any selector holding ``*``,
   ``?`` or ``[`` that is not a blocks slice);
-- a regex over parameter names with the ``re:`` prefix: ``"re:.*\\.(query|key)\\.weight"``.
+- a regex over parameter names with the ``re:`` prefix: ``"re:.*\\.(query|key)\\.weight"``;
+- ``"batchnorm"``: the affine ``weight`` / ``bias`` of every BatchNorm layer (any ``_BatchNorm`` subclass), wherever
+  it sits: ``unfreeze(model, "batchnorm")``, or ``train_groups=[..., "batchnorm"]`` in a `TransferConfig`, keeps
+  them trainable inside frozen groups (fastai's and Lightning's ``train_bn``; see ``train_batchnorm=``).
 
 A selector that matches nothing raises a `ValueError` naming the valid groups. PEFT adapter parameters are never
 touched unless ``"adapters"`` is named explicitly.
@@ -22,6 +25,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from .discovery import LayerGroups, discover_layer_groups
 
@@ -31,9 +35,35 @@ _BLOCK_SLICE = re.compile(r"blocks\[(-?\d*):(-?\d*)\]")
 
 Selector = str
 
+#: The selector of every BatchNorm layer's affine parameters.
+BATCHNORM_SELECTOR = "batchnorm"
+
 
 class NoTrainableParametersError(ValueError):
     """Raised when an operation would leave a model with no trainable parameter."""
+
+
+def batchnorm_affine_names(model: nn.Module) -> list[str]:
+    """Names of the affine ``weight`` / ``bias`` of every BatchNorm layer of `model` (every `_BatchNorm` subclass:
+    BatchNorm1d/2d/3d, SyncBatchNorm, the lazy variants), in the model's parameter order.
+
+    Example:
+
+    ```python
+    >>> from torch import nn
+    >>> from tl_plugin.freezing import batchnorm_affine_names
+    >>> batchnorm_affine_names(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.BatchNorm2d(4, affine=False)))
+    ['1.weight', '1.bias']
+
+    ```
+    """
+    owned = {
+        id(param)
+        for module in model.modules()
+        if isinstance(module, _BatchNorm)
+        for param in module.parameters(recurse=False)
+    }
+    return [name for name, param in model.named_parameters() if id(param) in owned]
 
 
 def _groups_for(model: nn.Module, groups: LayerGroups | None) -> LayerGroups:
@@ -47,8 +77,8 @@ def _valid_selectors_hint(groups: LayerGroups) -> str:
     )
     names = [g.name for g in groups.groups if g.kind != "block"]
     return (
-        f"valid groups: {', '.join(names) or 'none'}; {blocks_hint}; or a parameter-name glob ('*.attention.*') "
-        f"or regex ('re:...')"
+        f"valid groups: {', '.join(names) or 'none'}; {blocks_hint}; 'batchnorm' (BatchNorm affine parameters); or a "
+        f"parameter-name glob ('*.attention.*') or regex ('re:...')"
     )
 
 
@@ -105,7 +135,7 @@ def select_parameters(
     unused = inactive_peft_copies(model)
     chosen: set[str] = set()
     for selector in selectors:
-        matched = _match_selector(selector, groups, all_names) - unused
+        matched = _match_selector(selector, groups, all_names, model) - unused
         if selector != "adapters":
             matched -= adapters
         if not matched:
@@ -132,7 +162,7 @@ def inactive_peft_copies(model: nn.Module) -> set[str]:
     return names
 
 
-def _match_selector(selector: str, groups: LayerGroups, all_names: list[str]) -> set[str]:
+def _match_selector(selector: str, groups: LayerGroups, all_names: list[str], model: nn.Module) -> set[str]:
     if not isinstance(selector, str) or not selector:
         raise ValueError(
             f"A selector must be a non-empty string, got {selector!r}; {_valid_selectors_hint(groups)}."
@@ -142,6 +172,8 @@ def _match_selector(selector: str, groups: LayerGroups, all_names: list[str]) ->
         return {p for i in indices for p in groups.blocks[i].param_names}
     if selector in groups.names:
         return set(groups.get(selector).param_names)
+    if selector == BATCHNORM_SELECTOR:
+        return set(batchnorm_affine_names(model))
     if selector in ("embeddings", "other", "head", "adapters"):
         return set()  # a known kind this model does not have: reported as "matches nothing"
     if selector.startswith("re:"):
@@ -164,6 +196,11 @@ def _set_requires_grad(model: nn.Module, names: Iterable[str], flag: bool) -> No
             param.requires_grad_(flag)
 
 
+def _check_bool(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"`{name}` must be True or False, got {value!r}.")
+
+
 def _check_some_trainable(model: nn.Module, allow_no_trainable: bool, action: str) -> None:
     if allow_no_trainable:
         return
@@ -180,6 +217,7 @@ def freeze(
     *,
     groups: LayerGroups | None = None,
     allow_no_trainable: bool = False,
+    train_batchnorm: bool = False,
 ) -> list[str]:
     """Freeze (``requires_grad=False``) the parameters matched by `selectors`.
 
@@ -190,9 +228,14 @@ def freeze(
         allow_no_trainable (`bool`, *optional*, defaults to `False`):
             allow freezing the last trainable parameter (otherwise a `NoTrainableParametersError`; the model is
             left unchanged).
+        train_batchnorm (`bool`, *optional*, defaults to `False`):
+            keep the affine ``weight`` / ``bias`` of the BatchNorm layers inside the selection trainable (they are
+            set to ``requires_grad=True``): fastai's and Lightning's ``train_bn``. Off by default: a frozen group is
+            then frozen whole (see docs/regularisation-and-imbalance.md for why, and for the measurement).
 
     Returns:
-        `list[str]`: the names of the matched parameters.
+        `list[str]`: the names of the parameters frozen (the matched ones, less the BatchNorm affine parameters with
+        `train_batchnorm`).
 
     Example:
 
@@ -208,10 +251,14 @@ def freeze(
 
     ```
     """
+    _check_bool("train_batchnorm", train_batchnorm)
     groups = _groups_for(model, groups)
     names = select_parameters(model, selectors, groups)
+    kept = set(batchnorm_affine_names(model)) & set(names) if train_batchnorm else set()
+    names = [n for n in names if n not in kept]
     before = {n: p.requires_grad for n, p in model.named_parameters()}
     _set_requires_grad(model, names, False)
+    _set_requires_grad(model, kept, True)
     try:
         _check_some_trainable(
             model,
@@ -239,10 +286,18 @@ def freeze_all_but(
     trainable: Selector | Sequence[Selector],
     *,
     groups: LayerGroups | None = None,
+    train_batchnorm: bool = False,
 ) -> list[str]:
-    """Make exactly the parameters matched by `trainable` trainable (adapters untouched); returns their names."""
+    """Make exactly the parameters matched by `trainable` trainable (adapters untouched); returns their names.
+
+    With ``train_batchnorm=True`` the affine parameters of every BatchNorm layer train too (as if ``"batchnorm"``
+    were one of the selectors; see :func:`freeze`).
+    """
+    _check_bool("train_batchnorm", train_batchnorm)
     groups = _groups_for(model, groups)
     names = set(select_parameters(model, trainable, groups))
+    if train_batchnorm:
+        names |= set(batchnorm_affine_names(model))
     adapters = set(groups.get("adapters").param_names) if "adapters" in groups.names else set()
     for name, param in model.named_parameters():
         if name not in adapters:
@@ -250,7 +305,9 @@ def freeze_all_but(
     return [n for n, _ in model.named_parameters() if n in names]
 
 
-def freeze_to(model: nn.Module, n: int, *, groups: LayerGroups | None = None) -> list[str]:
+def freeze_to(
+    model: nn.Module, n: int, *, groups: LayerGroups | None = None, train_batchnorm: bool = False
+) -> list[str]:
     """fastai-style: freeze the first `n` groups of :meth:`LayerGroups.ordered`, unfreeze the rest.
 
     ``freeze_to(model, -1)`` trains only the last group (the head), ``freeze_to(model, 0)`` trains everything.
@@ -259,6 +316,8 @@ def freeze_to(model: nn.Module, n: int, *, groups: LayerGroups | None = None) ->
         model (`torch.nn.Module`): the model.
         n (`int`): number of groups to freeze from the bottom; negative counts from the top.
         groups (`LayerGroups`, *optional*): the model's groups; discovered when not given.
+        train_batchnorm (`bool`, *optional*, defaults to `False`): keep the BatchNorm affine parameters of the
+            frozen groups trainable (see :func:`freeze`).
 
     Returns:
         `list[str]`: the names of the trainable groups.
@@ -284,16 +343,25 @@ def freeze_to(model: nn.Module, n: int, *, groups: LayerGroups | None = None) ->
             f"`n` must be an integer in [{-count + 1}, {count - 1}] for this model's {count} groups "
             f"({', '.join(g.name for g in ordered)}), got {n!r}."
         )
+    _check_bool("train_batchnorm", train_batchnorm)
     trainable = ordered[n:]
     for group in ordered:
         _set_requires_grad(model, group.param_names, group in trainable)
+    if train_batchnorm:
+        _set_requires_grad(model, batchnorm_affine_names(model), True)
     return [g.name for g in trainable]
 
 
 def freeze_bottom_blocks(
-    model: nn.Module, n: int, *, include_embeddings: bool = True, groups: LayerGroups | None = None
+    model: nn.Module,
+    n: int,
+    *,
+    include_embeddings: bool = True,
+    groups: LayerGroups | None = None,
+    train_batchnorm: bool = False,
 ) -> list[str]:
-    """Freeze the bottom `n` blocks (and the embeddings, by default); returns the frozen parameter names."""
+    """Freeze the bottom `n` blocks (and the embeddings, by default); returns the frozen parameter names.
+    ``train_batchnorm=True`` keeps their BatchNorm affine parameters trainable (see :func:`freeze`)."""
     groups = _groups_for(model, groups)
     if not isinstance(n, int) or isinstance(n, bool) or not 0 <= n <= groups.num_blocks:
         raise ValueError(
@@ -304,7 +372,7 @@ def freeze_bottom_blocks(
     )
     if not selectors:
         return []
-    return freeze(model, selectors, groups=groups)
+    return freeze(model, selectors, groups=groups, train_batchnorm=train_batchnorm)
 
 
 @dataclass(frozen=True)

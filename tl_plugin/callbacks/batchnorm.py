@@ -14,11 +14,24 @@ pre-hook on each frozen BatchNorm module runs immediately before that module's o
 ``model.train()`` and whenever: it holds for every micro-batch, with gradient accumulation, gradient checkpointing
 (recomputation runs the hook again), DDP (the hooks sit on the wrapped model's modules) and custom training loops.
 Removing the hooks (:meth:`FrozenBatchNorm.remove`) gives the layers back to ``model.train()`` / ``model.eval()``.
+
+Trainable BatchNorm inside frozen groups (fastai's and Lightning's ``train_bn``) is a freezing option, not a callback:
+``freeze(..., train_batchnorm=True)`` (also `freeze_all_but`, `freeze_to`, `freeze_bottom_blocks`), or the
+``"batchnorm"`` selector (``unfreeze(model, "batchnorm")``, ``train_groups=[..., "batchnorm"]``), keeps the affine
+``weight`` / ``bias`` of those layers trainable. In its default mode `FreezeBatchNormCallback` freezes only layers
+whose parameters are all frozen, so such layers then also normalise with batch statistics and update their running
+statistics (as in fastai and Lightning); with ``all_batchnorm=True`` (or `selectors`) their statistics stay fixed
+while their affine parameters train.
+
+Names: one order, *freeze* before *BatchNorm* (`freeze_batchnorm`, `FreezeBatchNormCallback`, `FreezeBatchNormConfig`,
+and the handle `FrozenBatchNorm`); ``BatchNormFreezeConfig``, the one name in the other order, is a deprecated alias
+of `FreezeBatchNormConfig`.
 """
 
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -35,8 +48,8 @@ from .base import TLCallback
 logger = logging.getLogger("tl_plugin")
 
 __all__ = [
-    "BatchNormFreezeConfig",
     "FreezeBatchNormCallback",
+    "FreezeBatchNormConfig",
     "FrozenBatchNorm",
     "batchnorm_modules",
     "freeze_batchnorm",
@@ -44,7 +57,7 @@ __all__ = [
 
 
 @dataclass(frozen=True)
-class BatchNormFreezeConfig:
+class FreezeBatchNormConfig:
     """Which BatchNorm layers to freeze.
 
     Args:
@@ -91,6 +104,18 @@ class BatchNormFreezeConfig:
         return "selectors" if self.selectors is not None else "frozen-groups"
 
 
+def __getattr__(name: str) -> object:
+    if name == "BatchNormFreezeConfig":
+        warnings.warn(
+            "`BatchNormFreezeConfig` is deprecated: use `FreezeBatchNormConfig` (the same class; one name order, "
+            "verb first, for the BatchNorm API).",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return FreezeBatchNormConfig
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def batchnorm_modules(model: nn.Module) -> dict[str, _BatchNorm]:
     """``{module name: module}`` of every BatchNorm layer of `model` (every `_BatchNorm` subclass: BatchNorm1d/2d/3d,
     SyncBatchNorm, the lazy variants), in registration order."""
@@ -117,7 +142,7 @@ class FrozenBatchNorm:
     """The handle :func:`freeze_batchnorm` returns: which BatchNorm layers are frozen, and :meth:`remove`.
 
     Attributes:
-        config (`BatchNormFreezeConfig`): what was asked for.
+        config (`FreezeBatchNormConfig`): what was asked for.
         module_names (`tuple[str, ...]`): the BatchNorm layers under control (in the default mode, those that are
             frozen while their parameters stay frozen; see :meth:`frozen_module_names`).
         total (`int`): the number of BatchNorm layers in the model.
@@ -125,7 +150,7 @@ class FrozenBatchNorm:
 
     def __init__(
         self,
-        config: BatchNormFreezeConfig,
+        config: FreezeBatchNormConfig,
         modules: dict[str, _BatchNorm],
         predicates: dict[str, Callable[[], bool]],
         total: int,
@@ -232,7 +257,7 @@ def freeze_batchnorm(
 
     ```
     """
-    config = BatchNormFreezeConfig(
+    config = FreezeBatchNormConfig(
         selectors=tuple([selectors] if isinstance(selectors, str) else selectors)
         if selectors is not None
         else None,
@@ -319,6 +344,11 @@ class FreezeBatchNormCallback(TLCallback):
         freeze_affine (`bool`, *optional*, defaults to `False`):
             with `selectors` or `all_batchnorm`, also freeze the chosen layers' affine parameters.
 
+    To keep the affine parameters of BatchNorm layers in frozen groups *trainable* (fastai's / Lightning's
+    ``train_bn``), freeze with ``train_batchnorm=True`` or add the ``"batchnorm"`` selector to what trains (see
+    `tl_plugin.freezing`); the default mode then leaves those layers in training mode (batch statistics), and
+    ``all_batchnorm=True`` keeps their statistics fixed while their affine parameters train.
+
     Example:
 
     ```python
@@ -340,7 +370,7 @@ class FreezeBatchNormCallback(TLCallback):
         freeze_affine: bool = False,
     ) -> None:
         super().__init__()
-        self.config = BatchNormFreezeConfig(
+        self.config = FreezeBatchNormConfig(
             selectors=(
                 tuple([selectors] if isinstance(selectors, str) else selectors)
                 if selectors is not None
