@@ -87,8 +87,13 @@ def _model_paths(model_args: ModelArguments, extra: list[str] | None) -> list[st
     duplicates = sorted({p for p in paths if paths.count(p) > 1})
     if duplicates:
         raise UsageError(f"--model: {duplicates[0]!r} is given twice; give each model once")
-    for path in paths:
-        check_model_folder(path)  # before the data: a typo costs no loading time
+    for i, path in enumerate(paths):
+        try:
+            check_model_folder(path)  # before the data: a typo costs no loading time
+        except UsageError as err:
+            if i == 0 and model_args.model_name_or_path:
+                raise
+            raise UsageError(str(err).replace("--model_name_or_path:", "--model:", 1)) from None
     return paths
 
 
