@@ -187,7 +187,8 @@ def test_scan_finds_the_planted_signal_and_records_what_it_scanned():
     assert scan.get("embeddings").probe_accuracy == 1.0
     assert (scan.num_examples, scan.num_classes, scan.num_blocks, scan.feature_dim) == (64, 2, 3, 16)
     assert scan.majority_accuracy == 0.5
-    assert "embeddings" in scan.table() and "LogME" in scan.table()
+    assert "embeddings" in scan.table()
+    assert "LogME" in scan.table()
     # the same data with its labels shuffled: nothing to find, every layer's LogME is lower
     shuffled = token_batches(n=64)
     perm = torch.randperm(64, generator=torch.Generator().manual_seed(1))
@@ -261,7 +262,8 @@ def test_recommended_yaml_loads_and_tl_plugin_train_accepts_it(tmp_path):
     rec = recommend(make_scan([0.6, 0.8, 0.85, 0.86, 0.8], [-0.7, -0.5, -0.45, -0.44, -0.5]))
     path = rec.save(tmp_path / "transfer_config.yaml")
     text = path.read_text()
-    assert text.startswith("# Written by tl-plugin scan") and "# Learning rate: try 5e-05 to 0.0002" in text
+    assert text.startswith("# Written by tl-plugin scan")
+    assert "# Learning rate: try 5e-05 to 0.0002" in text
     assert TransferConfig.load(path) == rec.transfer
     options = parse_train_args(["--transfer_config", str(path), "--output_dir", str(tmp_path / "run")])
     assert options.transfer == rec.transfer
@@ -274,7 +276,8 @@ def test_recommended_yaml_loads_and_tl_plugin_train_accepts_it(tmp_path):
 def test_plot_is_written(tmp_path):
     scan = make_scan([0.6, 0.8, 0.85, 0.86], [-0.7, -0.5, -0.45, -0.44])
     path = plot_scan(scan, tmp_path / "scan.png", recommend(scan))
-    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert path.stat().st_size > 10_000
 
 
 def test_rank_models_orders_by_last_layer_logme_and_refuses_other_data():
@@ -321,7 +324,8 @@ def test_cli_scan_prints_the_table_and_writes_plot_json_and_a_config_train_reads
                  "--output_dir", str(out), *FAST])  # fmt: skip
     printed = capsys.readouterr().out
     assert code == 0
-    assert "layer        boundary probe acc     LogME" in printed and "blocks.1" in printed
+    assert "layer        boundary probe acc     LogME" in printed
+    assert "blocks.1" in printed
     result = json.loads((out / "scan.json").read_text())
     assert [s["layer"] for s in result["scan"]["layers"]] == ["embeddings", "blocks.0", "blocks.1"]
     assert result["scan"]["num_examples"] == 29  # 32 texts less the 10% validation split (stratified)
