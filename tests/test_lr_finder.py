@@ -258,3 +258,63 @@ def test_lr_find_command_rejects_bad_input_before_loading(flags: list[str], mess
 
     assert main(["lr-find", *flags]) == 2
     assert message in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------- the docs' commands
+DOC_PAGE = Path(__file__).resolve().parents[1] / "docs" / "lr-finder.md"
+
+
+def documented_commands() -> list[list[str]]:
+    """The ``tl-plugin`` commands of docs/lr-finder.md's bash blocks, as argument lists."""
+    import re
+    import shlex
+
+    commands = []
+    for block in re.findall(r"^```bash[^\n]*\n(.*?)^```", DOC_PAGE.read_text(), re.S | re.M):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line, comments=True)
+            if words and words[0].endswith("tl-plugin"):
+                commands.append(words[1:])
+    return commands
+
+
+def test_every_documented_command_parses():
+    from tl_plugin.app.lr_find import parse_lr_find_args
+    from tl_plugin.app.train import parse_train_args
+
+    commands = documented_commands()
+    assert {c[0] for c in commands} >= {"lr-find"}
+    for command in commands:
+        parse = {"lr-find": parse_lr_find_args, "train": parse_train_args}[command[0]]
+        parse(command[1:])
+
+
+@pytest.mark.slow
+def test_documented_lr_find_commands_run(tmp_path: Path, monkeypatch):
+    """The page's ``tl-plugin lr-find`` commands on the bundled MiniLM and fine-food reviews (minutes each; the
+    measurement in docs/lr-finder.md comes from these commands)."""
+    from tl_plugin.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    for command in documented_commands():
+        if command[0] == "lr-find":
+            assert main(command) == 0, command
+
+
+@pytest.mark.slow
+def test_batchnorm_affine_benchmark_quick_run(tmp_path: Path):
+    """``benchmarks/batchnorm_affine.py --quick`` (docs/regularisation-and-imbalance.md), about a minute."""
+    import subprocess
+    import sys
+
+    script = DOC_PAGE.parents[1] / "benchmarks" / "batchnorm_affine.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--quick", "--threads", "1", "--output-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads((tmp_path / "results.json").read_text())["variants"]
+    assert set(rows) == {"partial_bn", "partial_bn_affine", "partial_bn_train"}
+    assert rows["partial_bn_affine"]["trainable_params"] > rows["partial_bn"]["trainable_params"]
+    assert rows["partial_bn_affine"]["bn_layers_stats_changed"] == 0
+    assert rows["partial_bn_train"]["bn_layers_stats_changed"] == rows["partial_bn_train"]["bn_layers"]

@@ -183,10 +183,7 @@ class LRFinderResult:
         ax.set_xscale("log")
         ax.set_xlabel("learning rate (log scale)")
         ax.set_ylabel("training loss")
-        ax.set_title(title or "Learning-rate range test")
-        ax.text(
-            0.01, 0.02, f"suggestion rule: {self.rule}", transform=ax.transAxes, fontsize=9, color="tab:red"
-        )
+        ax.set_title(f"{title or 'Learning-rate range test'}\nsuggestion rule: {self.rule}", fontsize=10)
         ax.legend(loc="upper left", fontsize=9)
         ax.grid(True, which="major", alpha=0.3)
         fig.tight_layout()
