@@ -37,18 +37,12 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments  # noqa: E402
 
+from tl_plugin import testing  # noqa: E402
 
-class RandomTokens(torch.utils.data.Dataset):
-    def __init__(self, n: int = 64, length: int = 8) -> None:
-        generator = torch.Generator().manual_seed(0)
-        self.ids = torch.randint(5, 99, (n, length), generator=generator)
-        self.labels = (self.ids[:, 0] > 50).long()
 
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.ids[i], "labels": self.labels[i]}
+def RandomTokens(n: int = 64) -> torch.utils.data.Dataset:  # noqa: N802  (a data set, named as one)
+    """64 learnable examples (label: first token id above 50), `tl_plugin.testing.RandomTokens`."""
+    return testing.RandomTokens(n=n, labels="first_token")
 
 
 class RaggedTokens(torch.utils.data.Dataset):

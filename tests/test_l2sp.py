@@ -249,15 +249,7 @@ from tl_plugin.callbacks.base import attach
 from tl_plugin.callbacks.regularization import L2SPCallback
 from tl_plugin.losses import WeightedCrossEntropyLoss
 
-class RandomTokens(torch.utils.data.Dataset):
-    def __init__(self, n=64, length=8):
-        generator = torch.Generator().manual_seed(0)
-        self.ids = torch.randint(5, 99, (n, length), generator=generator)
-        self.labels = torch.randint(0, 2, (n,), generator=generator)
-    def __len__(self):
-        return len(self.labels)
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "labels": self.labels[i]}
+from tl_plugin.testing import RandomTokens
 
 torch.manual_seed(0)
 model = BertForSequenceClassification(BertConfig(
@@ -272,7 +264,7 @@ args = TrainingArguments(
     logging_steps=3, ddp_backend="gloo", seed=0,
 )
 callback = L2SPCallback(alpha=1.0, beta=0.1)
-trainer = Trainer(model=model, args=args, train_dataset=RandomTokens(),
+trainer = Trainer(model=model, args=args, train_dataset=RandomTokens(n=64),
                   compute_loss_func=WeightedCrossEntropyLoss([1.0, 3.0]))
 attach(trainer, callback)
 trainer.train()

@@ -332,17 +332,5 @@ TINY_MODELS: dict[str, Callable[[], PreTrainedModel]] = {
 }
 
 
-class RandomTokens(torch.utils.data.Dataset):
-    """Random token ids (5..98) with random 0/1 labels from one seeded generator: a stand-in for a tokenized
-    text-classification dataset."""
-
-    def __init__(self, n: int = 32, length: int = 8, seed: int = 0) -> None:
-        generator = torch.Generator().manual_seed(seed)
-        self.ids = torch.randint(5, 99, (n, length), generator=generator)
-        self.labels = torch.randint(0, 2, (n,), generator=generator)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.ids[i], "labels": self.labels[i]}
+# a seeded stand-in for a tokenized text-classification data set (random 0/1 labels), defined once
+from tl_plugin.testing import RandomTokens  # noqa: E402, F401  (re-exported to the tests)
