@@ -245,6 +245,23 @@ def test_lr_find_command_writes_plot_json_and_train_command(tiny_model_dir: Path
     assert not (out / "final").exists()  # nothing trained for good
 
 
+def test_lr_find_command_that_diverges_at_once_exits_2_suggesting_a_lower_start(
+    tiny_model_dir: Path, tmp_path, capsys
+):
+    from tl_plugin.cli import main
+
+    argv = [
+        "lr-find", "--model_name_or_path", str(tiny_model_dir), "--train_size", "64", "--test_size", "16",
+        "--max_length", "16", "--output_dir", str(tmp_path / "run"), "--start_lr", "1e3", "--end_lr", "1e9",
+        "--num_steps", "20",
+    ]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "diverged at once" in err
+    assert "start lower, e.g. --start_lr 1e+01 (was --start_lr 1000)" in err
+    assert not (tmp_path / "run" / "lr_find.json").exists()
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [

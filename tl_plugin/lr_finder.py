@@ -456,6 +456,7 @@ def lr_find(
         args, max_steps=config.num_steps, logging_strategy=IntervalStrategy.STEPS, logging_steps=1,
         logging_first_step=False, logging_nan_inf_filter=False, eval_strategy=IntervalStrategy.NO,
         save_strategy=SaveStrategy.NO, load_best_model_at_end=False, disable_tqdm=True, warmup_steps=0,
+        push_to_hub=False,
     )  # fmt: skip
     trainer.callback_handler.callbacks = [
         c for c in saved_callbacks if not isinstance(c, (ProgressCallback, PrinterCallback))
