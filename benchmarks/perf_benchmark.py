@@ -7,13 +7,13 @@ One command, under 15 minutes on 2 CPU cores::
 
 It measures, side by side and interleaved (round-robin rounds, so that a noisy shared CPU slows every setup
 alike): training throughput (samples/s) of full fine-tuning, the bottom half frozen and a linear probe (head
-only), each plain, with the frozen prefix under `torch.no_grad()` (`tl_plugin.perf.FrozenPrefixNoGrad`) and
-with the activation cache (`tl_plugin.cache.ActivationCache`); for the bottom half also the last block at the
-first position only (`tl_plugin.last_block.FirstTokenLastBlock`, which the cache does by default), with and
+only), each plain, with the frozen prefix under `torch.no_grad()` (`tl_plugin.prefix.FrozenPrefixNoGrad`) and
+with the activation cache (`tl_plugin.prefix.ActivationCache`); for the bottom half also the last block at the
+first position only (`tl_plugin.prefix.FirstTokenLastBlock`, which the cache does by default), with and
 without the cache, so that each mechanism's share shows; the peak memory of each (one subprocess per setup);
 the optimizer state of each; the epoch times of a real `transformers.Trainer` for the linear probe and the
 bottom half, cached and uncached; and the per-step overhead of tl_plugin callbacks. It prints a table and
-the ratios against the targets, the ideal ratios from FLOP counts (`tl_plugin.perf.EncoderFlops`), and writes
+the ratios against the targets, the ideal ratios from FLOP counts (`EncoderFlops`, benchmarks/instruments.py), and writes
 ``benchmarks/results/perf.json`` and ``docs/images/perf.png``.
 """
 
@@ -136,9 +136,7 @@ def build_setup(
 ) -> Setup:
     from transformers import Trainer, TrainingArguments
 
-    from tl_plugin.cache import ActivationCache
-    from tl_plugin.last_block import FirstTokenLastBlock
-    from tl_plugin.perf import FrozenPrefixNoGrad
+    from tl_plugin.prefix import ActivationCache, FirstTokenLastBlock, FrozenPrefixNoGrad
 
     model = load_model(path, frozen)
     extra: Any = None
@@ -275,8 +273,7 @@ def trainer_epochs(
     """Train with a real `transformers.Trainer` and time each epoch (and the cache build)."""
     from transformers import Trainer, TrainingArguments
 
-    from tl_plugin.cache import prepare_cached_training
-    from tl_plugin.last_block import FirstTokenLastBlock
+    from tl_plugin.prefix import FirstTokenLastBlock, prepare_cached_training
 
     cached = mode.startswith("cache")
     model = load_model(path, frozen)
@@ -340,8 +337,8 @@ def callback_overhead(setup: Setup, step_seconds: dict[str, float], iterations: 
     """
     from transformers import Trainer, TrainingArguments
 
-    from tl_plugin.cache import ActivationCacheCallback
     from tl_plugin.callbacks.base import TLCallback
+    from tl_plugin.prefix import ActivationCacheCallback
 
     candidates: dict[str, Any] = {
         "TLCallback (no-op base)": TLCallback,
@@ -586,11 +583,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return {}
     started = time.perf_counter()
     import numpy as np
+    from instruments import EncoderFlops, optimizer_state_bytes  # benchmarks/instruments.py
     from transformers import AutoTokenizer, DataCollatorWithPadding
     from transformers.utils import logging as hf_logging
 
     from tl_plugin.data import load_fine_food_reviews, tokenize_dataset
-    from tl_plugin.perf import EncoderFlops, optimizer_state_bytes
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()

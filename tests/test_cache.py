@@ -38,8 +38,8 @@ from transformers import (  # noqa: E402
     TrainingArguments,
 )
 
-import tl_plugin.cache as cache_module  # noqa: E402
-import tl_plugin.perf as perf_module  # noqa: E402
+import tl_plugin.prefix.cache as cache_module  # noqa: E402
+import tl_plugin.prefix.no_grad as perf_module  # noqa: E402
 from tl_plugin import freeze_all_but, freeze_bottom_blocks, unfreeze  # noqa: E402
 from tl_plugin.cache import (  # noqa: E402
     ActivationCache,
@@ -49,12 +49,13 @@ from tl_plugin.cache import (  # noqa: E402
 )
 from tl_plugin.last_block import FirstTokenLastBlock  # noqa: E402
 from tl_plugin.perf import (  # noqa: E402
-    EncoderFlops,
     FrozenPrefixNoGrad,
     UnsupportedPrefixError,
     find_frozen_prefix,
-    optimizer_state_bytes,
 )
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from instruments import EncoderFlops, optimizer_state_bytes  # noqa: E402  (benchmarks/instruments.py)
 
 VOCAB = 64
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import doctest
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ transformers = pytest.importorskip("transformers")
 
 from transformers import Trainer, TrainingArguments  # noqa: E402
 
-import tl_plugin.last_block as last_block_module  # noqa: E402
+import tl_plugin.prefix.last_block as last_block_module  # noqa: E402
 from tl_plugin import discover_layer_groups, freeze_all_but, freeze_bottom_blocks, unfreeze  # noqa: E402
 from tl_plugin.cache import ActivationCache  # noqa: E402
 from tl_plugin.last_block import (  # noqa: E402
@@ -33,7 +34,10 @@ from tl_plugin.last_block import (  # noqa: E402
     first_token_support,
     resolve_last_block,
 )
-from tl_plugin.perf import EncoderFlops, FrozenPrefixNoGrad  # noqa: E402
+from tl_plugin.perf import FrozenPrefixNoGrad  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from instruments import EncoderFlops  # noqa: E402  (benchmarks/instruments.py)
 
 VOCAB = 64
 BASE = {"hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 2, "intermediate_size": 37}

@@ -1,0 +1,637 @@
+"""Frozen-prefix activation cache: compute the frozen bottom of a model once, train the rest on its outputs.
+
+When the embeddings and the bottom ``k`` blocks of a model stay frozen and the training data is fixed
+(tokenized once, no random augmentation), every epoch recomputes the same prefix outputs. `ActivationCache`
+computes them once per example, stores them (`tl_plugin.prefix.store`: a memory-mapped ``.npy`` file under a
+cache directory, or RAM), and during training the model's forward takes them from the store instead of running
+the prefix: the embeddings and blocks ``< k`` are skipped, block ``k`` and everything above run as usual (with
+their own dropout, gradients and optimizer).
+
+It is a façade over the other modules of `tl_plugin.prefix`: the layout is derived once (`layout`), the hooks
+that substitute stored hidden states are a `PrefixRunner` (`runner`, on `hooks`), the first-token last block is
+`last_block`, the datasets' ids and checksums are `rows`, the stored arrays `store` (keys from `keys`), and the
+checks before a boundary is used are `verify`. How the model is split (no per-model code): each prefix module
+(the embeddings modules and every block) gets a hook; during a cached forward they return the stored hidden
+state instead of computing, so the model's own forward still builds the attention mask, runs blocks ``>= k``,
+the pooler, the head and the loss. Before a boundary is used, one small batch checks that this split is exact for
+the model: the plain model and the cached path must give the same outputs, and the prefix output must not depend
+on a trainable parameter. Models for which that fails get an `UnsupportedPrefixError` naming the reason. Tested:
+BERT, RoBERTa, DistilBERT, ELECTRA, DeBERTa-v2, GPT-2 and Llama classifiers; ALBERT (one layer group shared by
+all layers) is refused.
+
+Dropout in the frozen prefix is an explicit choice (``prefix_dropout``): ``"off"`` (the default) computes the
+prefix in eval mode, cached or not; ``"forbid"`` refuses a prefix with dropout p>0 or batch norm, so the
+cached run equals a plain Trainer run. Random dropout in frozen layers cannot be cached (``"on"`` is refused).
+
+The cache is keyed by the prefix weights, the boundary, the content of the model inputs of the dataset, the
+collator, the dtype and the model config; a changed key is a new file. Each example also carries a checksum of
+its ``input_ids``, checked at every lookup. Files are written to a temporary directory and renamed into place,
+under a file lock: trials of a Ray Tune search that share ``cache_dir`` and a boundary build the file once.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import TrainerControl, TrainerState, TrainingArguments
+
+from ..callbacks.base import TLCallback
+from ..discovery import LayerGroups
+from .keys import cache_key, prefix_fingerprint
+from .last_block import LastBlock, resolve_last_block
+from .layout import PrefixLayout, UnsupportedPrefixError
+from .no_grad import PrefixDropout
+from .rows import (
+    CACHE_ID_COLUMN,
+    ROW_BITS,
+    CacheIdCollator,
+    RowIndex,
+    describe_collator,
+    feature_batches,
+    split_ids,
+    with_cache_ids,
+)
+from .runner import Capture, PrefixRunner
+from .store import (
+    CACHE_FORMAT_VERSION,
+    DEFAULT_MAX_BYTES,
+    DTYPE_CHOICES,
+    ON_TOO_LARGE_CHOICES,
+    STORAGE_CHOICES,
+    ActivationCacheError,
+    ActivationStore,
+    Slot,
+    default_cache_dir,
+    human_bytes,
+)
+from .verify import check_prefix_dropout, check_split, stored_difference
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ActivationCache", "ActivationCacheCallback"]
+
+_LABEL_NAMES = ("label", "labels", "label_ids")
+
+
+class ActivationCache:
+    """Cache the outputs of the frozen prefix of `model` for fixed datasets, and train on them.
+
+    Creating it adds its hooks to `model` (see the module docstring); :meth:`prepare` registers a dataset, builds (or
+    loads) its activations and returns it with a ``tl_cache_id`` column; :attr:`data_collator` wraps your
+    collator so the ids reach the model. Pass the three to a normal `transformers.Trainer`, with
+    :meth:`callback` (it rebuilds the cache when a freeze schedule moves the boundary), or use
+    `prepare_cached_training`. A batch without ids, or whose boundary has moved since the cache was built,
+    runs the whole model (the frozen prefix under `torch.no_grad()`, as `tl_plugin.prefix.FrozenPrefixNoGrad`
+    does): results stay correct, only slower.
+
+    The cached prefix is the embeddings plus the longest run of frozen blocks above them; nothing is cached
+    while the embeddings or block 0 are trainable.
+
+    Args:
+        model (`torch.nn.Module`): the model, with its frozen layers already frozen.
+        data_collator (`Callable`, *optional*): the collator the Trainer will use (default:
+            `transformers.default_data_collator`, which needs examples padded to one length); pass
+            ``DataCollatorWithPadding(tokenizer)`` for tokenized-but-unpadded data.
+        groups (`LayerGroups`, *optional*): the model's layer groups; discovered when not given.
+        cache_dir (`str` or `os.PathLike`, *optional*): where files go (default: `default_cache_dir`).
+            Trials of a search that share it share their caches.
+        storage (`str`, *optional*, defaults to ``"disk"``): ``"disk"`` (memory-mapped ``.npy`` files, shared
+            across processes) or ``"memory"`` (RAM of this process only).
+        max_bytes (`int`, *optional*, defaults to `DEFAULT_MAX_BYTES`): most bytes of activations held by this
+            cache, all datasets together.
+        on_too_large (`str`, *optional*, defaults to ``"error"``): when a dataset's activations would exceed
+            `max_bytes` or the free disk space: ``"error"`` raises `CacheTooLargeError`, ``"uncached"`` logs a
+            warning and trains that dataset without the cache.
+        prefix_dropout (`str`, *optional*, defaults to ``"off"``): ``"off"`` computes the prefix in eval mode
+            (dropout off in frozen layers, cached or not); ``"forbid"`` also requires the prefix to have no
+            dropout p>0 and no batch norm, so that a cached run equals a plain one. ``"on"`` is refused.
+        dtype (`str`, *optional*, defaults to ``"float32"``): storage dtype, ``"float32"`` or ``"float16"``
+            (half the size; the results then differ slightly from an uncached run).
+        batch_size (`int`, *optional*, defaults to 64): batch size of the pass that computes the activations.
+        lock_timeout (`float`, *optional*, defaults to 3600): seconds to wait for another process building the
+            same file.
+        layout (`PrefixLayout`, *optional*): the model's prefix layout, when already derived.
+        last_block (`str`, *optional*, defaults to ``"auto"``): how the last block runs while it trains:
+            ``"auto"`` computes it at the first position only (`tl_plugin.prefix.FirstTokenLastBlock`) for
+            the first-token classifiers that support it (BERT, RoBERTa, ELECTRA, DistilBERT sequence
+            classifiers) and in full otherwise; ``"first_token"`` requires it (an error when not supported);
+            ``"full"`` never prunes. The logits, losses and gradients are the same either way.
+
+    Raises:
+        `ValueError`: for an invalid argument (the message names it and its valid values).
+        `UnsupportedPrefixError`: when the model cannot be split at its frozen boundary.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from transformers import BertConfig, BertForSequenceClassification
+    >>> from tl_plugin import freeze_bottom_blocks
+    >>> from tl_plugin.prefix import ActivationCache
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> model = BertForSequenceClassification(
+    ...     BertConfig(
+    ...         vocab_size=50, hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=8
+    ...     )
+    ... )
+    >>> _ = freeze_bottom_blocks(model, 2)
+    >>> rows = [{"input_ids": [2, 5 + i, 7, 3], "attention_mask": [1] * 4, "label": i % 2} for i in range(6)]
+    >>> cache = ActivationCache(model, storage="memory")
+    >>> train = cache.prepare(rows, name="train")
+    >>> cache.frozen_blocks, train[0]["tl_cache_id"], cache.stats["builds"]
+    (2, 0, 1)
+    >>> batch = cache.data_collator([train[i] for i in range(4)])
+    >>> cached = model.eval()(**batch).logits
+    >>> _ = batch.pop("tl_cache_id")
+    >>> model(**batch).logits.sub(cached).abs().max() < 1e-5  # same as running the whole model
+    tensor(True)
+    >>> cache.detach()
+
+    ```
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        data_collator: Callable[[list[dict[str, Any]]], Any] | None = None,
+        groups: LayerGroups | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+        storage: Literal["disk", "memory"] = "disk",
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        on_too_large: Literal["error", "uncached"] = "error",
+        prefix_dropout: PrefixDropout = "off",
+        dtype: Literal["float32", "float16"] = "float32",
+        batch_size: int = 64,
+        lock_timeout: float = 3600.0,
+        last_block: LastBlock = "auto",
+        layout: PrefixLayout | None = None,
+    ) -> None:
+        check_prefix_dropout(prefix_dropout, ("off", "forbid"))
+        for name, value, choices in (
+            ("storage", storage, STORAGE_CHOICES),
+            ("on_too_large", on_too_large, ON_TOO_LARGE_CHOICES),
+            ("dtype", dtype, DTYPE_CHOICES),
+        ):
+            if value not in choices:
+                raise ValueError(f"`{name}` must be one of {', '.join(map(repr, choices))}, got {value!r}.")
+        for name, number in (("max_bytes", max_bytes), ("batch_size", batch_size)):
+            if isinstance(number, bool) or not isinstance(number, int) or number < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {number!r}.")
+        if isinstance(lock_timeout, bool) or not isinstance(lock_timeout, (int, float)) or lock_timeout <= 0:
+            raise ValueError(f"`lock_timeout` must be a positive number of seconds, got {lock_timeout!r}.")
+        if data_collator is None:
+            from transformers import default_data_collator
+
+            data_collator = default_data_collator
+        tokenizer = getattr(data_collator, "tokenizer", None)
+        if getattr(tokenizer, "padding_side", "right") == "left":
+            raise ValueError(
+                "The data collator pads on the left (`tokenizer.padding_side='left'`); the activation cache "
+                "stores positions from the left and needs right padding. Set `tokenizer.padding_side = "
+                "'right'`."
+            )
+        self.model = model
+        self.layout = layout if layout is not None else PrefixLayout.of(model, groups)
+        self.groups = self.layout.groups
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self.storage = storage
+        self.max_bytes = max_bytes
+        self.on_too_large = on_too_large
+        self.prefix_dropout = prefix_dropout
+        self.dtype = dtype
+        self.batch_size = batch_size
+        self.lock_timeout = float(lock_timeout)
+        self._collator = data_collator
+        self.data_collator = CacheIdCollator(data_collator)
+        self.stats: dict[str, float] = {
+            "builds": 0,
+            "loads": 0,
+            "build_seconds": 0.0,
+            "cached_batches": 0,
+            "uncached_batches": 0,
+            "boundary_changes": 0,
+        }
+        self.store = ActivationStore(
+            storage=storage,
+            cache_dir=self.cache_dir,
+            max_bytes=max_bytes,
+            on_too_large=on_too_large,
+            dtype=dtype,
+            lock_timeout=self.lock_timeout,
+            stats=self.stats,
+        )
+        # Added before the prefix runner's hooks (inside them on the last block), removed after them.
+        self.last_block = resolve_last_block(model, last_block, layout=self.layout)
+        try:
+            self._runner = PrefixRunner(model, self.layout, "off", extra_kwarg=CACHE_ID_COLUMN)
+        except BaseException:
+            if self.last_block is not None:
+                self.last_block.remove()
+            raise
+        self._runner.provider = self._lookup
+        self._units = 0  # prefix units the stored activations cover (0: no cache)
+        # Prefix weights the stored activations were computed with; re-checked once at the first cached forward
+        # after each build, which catches weights changed behind the cache's back (a DDP broadcast of rank 0's
+        # weights, a checkpoint loaded into the model) when `cache.callback()` is not in the Trainer.
+        self._fingerprint: str | None = None
+        self._fingerprint_checked = False
+        self._stale = False
+        self._checked_units: set[int] = set()
+        self._stop_early: dict[int, bool] = {}
+        self._warned: set[str] = set()
+        self._input_keys = self._model_input_keys()
+        self._main_input = getattr(model, "main_input_name", "input_ids")
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def frozen_blocks(self) -> int | None:
+        """Blocks covered by the stored activations (`None`: no cache in use, everything runs)."""
+        return self._units - 1 if self._units else None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of activations held right now (all datasets)."""
+        return self.store.nbytes
+
+    @property
+    def _slots(self) -> list[Slot]:
+        return self.store.slots
+
+    def prepare(self, dataset: Any, name: str | None = None) -> Any:
+        """Register `dataset`, build or load its activations, and return it with a ``tl_cache_id`` column.
+
+        Args:
+            dataset (`datasets.Dataset` or map-style dataset of dicts): tokenized examples, in a fixed order.
+            name (`str`, *optional*): a label for messages (default ``"dataset<i>"``).
+
+        Returns:
+            The same examples with a ``tl_cache_id`` entry: a `datasets.Dataset` for a `datasets.Dataset`,
+            else a `torch.utils.data.Dataset`.
+
+        Raises:
+            `CacheTooLargeError`, `UnsupportedPrefixError`: the cache then detaches itself from the model.
+        """
+        if len(dataset) == 0:
+            raise ValueError(f"`dataset` {name or ''} is empty: there is nothing to cache.")
+        if len(dataset) >= 2**ROW_BITS:
+            raise ValueError(f"`dataset` has {len(dataset)} examples; the cache supports fewer than 2**32.")
+        slot = self.store.add(name, dataset, RowIndex.scan(dataset, self._input_keys, self._main_input))
+        units = self._target_units()
+        try:
+            if units != self._units:
+                self._switch(units)
+            elif units:
+                self._fill(slot)
+            else:
+                self._warn_nothing_to_cache()
+        except BaseException:
+            self.detach()  # leave the model as it was: the caller gets the error and an untouched model
+            raise
+        return with_cache_ids(dataset, slot.index)
+
+    def refresh(self, check_weights: bool = False) -> bool:
+        """Rebuild the activations if the boundary moved (or, `check_weights`, if the prefix weights changed).
+
+        Returns:
+            `bool`: whether anything was rebuilt (or dropped).
+        """
+        units = self._target_units()
+        if units != self._units:
+            self.stats["boundary_changes"] += 1
+            self._switch(units)
+            return True
+        if check_weights and units:
+            fingerprint = prefix_fingerprint(self.layout, units)
+            stale = [
+                s for s in self._slots if s.array is not None and s.key != self._key(s, units, fingerprint)
+            ]
+            if stale:
+                self._switch(units)
+                return True
+            if fingerprint == self._fingerprint:
+                self._fingerprint_checked = True  # just checked: the first cached forward need not hash again
+        return False
+
+    def callback(self) -> ActivationCacheCallback:
+        """A Trainer callback that calls :meth:`refresh` (add it after the callbacks that freeze layers)."""
+        return ActivationCacheCallback(self)
+
+    def detach(self) -> None:
+        """Remove the cache's hooks from the model and release the stored activations."""
+        self._runner.remove()
+        if self.last_block is not None:
+            self.last_block.remove()
+        for slot in self._slots:
+            slot.array = None
+
+    def __enter__(self) -> ActivationCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.detach()
+
+    # ------------------------------------------------------------------ boundary
+    def _target_units(self) -> int:
+        units = self.layout.frozen_units()
+        return units if units >= 2 else 0  # cache only when at least one block is frozen
+
+    def _switch(self, units: int) -> None:
+        self.store.clear()
+        self._units = units
+        self._fingerprint = None
+        if not units or not self._slots:
+            self._warn_nothing_to_cache()
+            return
+        if units not in self._checked_units:
+            self._check_split(units)
+            self._checked_units.add(units)
+        for slot in self._slots:
+            self._fill(slot)
+        logger.info("Activation cache: frozen prefix = embeddings + %d blocks", units - 1)
+
+    def _warn_nothing_to_cache(self) -> None:
+        if not self._units and self._slots and "nothing" not in self._warned:
+            self._warned.add("nothing")
+            logger.warning(
+                "Activation cache: the embeddings or block 0 of %s are trainable, so there is no frozen "
+                "prefix to cache; batches run the whole model until the bottom is frozen.",
+                type(self.model).__name__,
+            )
+
+    def _model_input_keys(self) -> set[str]:
+        from transformers.utils import find_labels
+
+        params = inspect.signature(self.model.forward).parameters
+        keys = {n for n, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+        labels = set(find_labels(type(self.model))) | set(_LABEL_NAMES)
+        return keys - labels - {CACHE_ID_COLUMN}
+
+    def _device(self) -> torch.device:
+        param = next(self.model.parameters(), None)
+        return param.device if param is not None else torch.device("cpu")
+
+    def _collate_inputs(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        # Model inputs only: other columns (labels, raw text the Trainer would drop) never reach the prefix.
+        clean = [{k: v for k, v in f.items() if k in self._input_keys} for f in features]
+        batch = self._collator(clean)
+        device = self._device()
+        return {
+            k: (v.to(device) if isinstance(v, torch.Tensor) else v)
+            for k, v in dict(batch).items()
+            if k in self._input_keys
+        }
+
+    def _key(self, slot: Slot, units: int, fingerprint: str | None = None) -> str:
+        return cache_key(
+            self.model,
+            fingerprint=fingerprint if fingerprint is not None else prefix_fingerprint(self.layout, units),
+            units=units,
+            content_hash=slot.rows.content_hash,
+            collator=describe_collator(self._collator),
+            first_position_only=self._first_position_only(units),
+            dtype=self.dtype,
+            format_version=CACHE_FORMAT_VERSION,
+        )
+
+    def _first_position_only(self, units: int) -> bool:
+        """Whether to store only position 0: every block is frozen (a linear probe) and the classifier reads
+        the first position only (`self.last_block` is installed), so no other position is ever read."""
+        return self.last_block is not None and units == self.layout.num_units
+
+    # ------------------------------------------------------------------ checks
+    def _verify_batch(self, slot: Slot) -> dict[str, Any]:
+        features = next(feature_batches(slot.dataset, min(4, len(slot.dataset))))
+        return self._collate_inputs(features)
+
+    def _check_split(self, units: int) -> None:
+        """Check on a few examples that the model can be split after prefix unit ``units - 1``."""
+        plan = check_split(
+            self._runner,
+            self._verify_batch(self._slots[0]),
+            units,
+            prefix_dropout=self.prefix_dropout,
+            first_position_only=self._first_position_only(units),
+        )
+        self._stop_early[units] = plan.stop_early
+
+    def _check_stored(self, slot: Slot, units: int) -> float | None:
+        """Check the stored first rows with a fresh computation: the difference or `None`."""
+        batch = self._verify_batch(slot)
+        fresh = self._runner.capture(batch, units, stop=self._stop_early.get(units, False), grad=False)
+        stored = self.store.rows_tensor(slot, np.arange(fresh.boundary.shape[0]), fresh.boundary)
+        return stored_difference(
+            stored,
+            fresh.boundary,
+            batch.get("attention_mask"),
+            seq_axis=slot.seq_axis,
+            first_position_only=self._first_position_only(units),
+            dtype=self.dtype,
+        )
+
+    # ------------------------------------------------------------------ build / load
+    def _fill(self, slot: Slot) -> None:
+        units = self._units
+        fingerprint = prefix_fingerprint(self.layout, units)
+        if fingerprint != self._fingerprint:
+            if any(s.array is not None for s in self._slots if s is not slot):
+                # the prefix weights changed since the other datasets were stored: all of them are stale
+                self._switch(units)
+                return
+            self._fingerprint, self._fingerprint_checked, self._stale = fingerprint, False, False
+        key = self._key(slot, units, fingerprint)
+
+        def build(target: Slot, directory: Path | None) -> bool:
+            return self._build(target, units, directory)
+
+        built = self.store.fill(slot, key, build)
+        if slot.array is None:
+            return
+        difference = self._check_stored(slot, units)
+        if difference is not None and not built:
+            logger.warning(
+                "The stored activations %s differ from a fresh computation by %.3g; rebuilding them.",
+                slot.path,
+                difference,
+            )
+            built = self.store.fill(slot, key, build, discard=True)
+            difference = self._check_stored(slot, units) if slot.array is not None else None
+        if difference is not None:
+            slot.release()
+            raise ActivationCacheError(
+                f"The prefix outputs of {slot.name!r} depend on how the examples are batched: a batch of the "
+                f"first examples gives outputs that differ by {difference:.3g} from the cache build's "
+                "batches. Typically the collator pads without an `attention_mask` (pass one, e.g. with "
+                "DataCollatorWithPadding); otherwise train this model without the activation cache."
+            )
+
+    def _build(self, slot: Slot, units: int, directory: Path | None) -> bool:
+        """Compute the activations of `slot` (into `directory`, or RAM). `False` when over budget."""
+        started = time.perf_counter()
+        n, width = len(slot.rows), 1 if self._first_position_only(units) else slot.rows.width
+        array: np.ndarray | None = None
+        seq_axis = True
+        position = 0
+        stop = self._stop_early.get(units, False)
+        for features in feature_batches(slot.dataset, self.batch_size):
+            batch = self._collate_inputs(features)
+            capture: Capture = self._runner.capture(batch, units, stop=stop, grad=False)
+            out = capture.boundary.detach()
+            if out.shape[0] != len(features):
+                raise UnsupportedPrefixError(
+                    f"The prefix output has {out.shape[0]} rows for a batch of {len(features)}: the "
+                    "activation cache needs one row per example."
+                )
+            if array is None:
+                main = batch.get(self._main_input)
+                seq_len = main.shape[1] if isinstance(main, torch.Tensor) and main.dim() > 1 else None
+                seq_axis = out.dim() >= 3 and seq_len is not None and out.shape[1] == seq_len
+                row_shape = ((width,) + tuple(out.shape[2:])) if seq_axis else tuple(out.shape[1:])
+                array = self.store.allocate(slot, (n,) + row_shape, directory)
+                if array is None:
+                    return False
+            values = out.to("cpu", torch.float32).numpy()
+            if seq_axis:
+                length = min(values.shape[1], width)
+                array[position : position + len(features), :length] = values[:, :length]
+            else:
+                array[position : position + len(features)] = values
+            position += len(features)
+        assert array is not None
+        seconds = time.perf_counter() - started
+        self.stats["builds"] += 1
+        self.stats["build_seconds"] += seconds
+        meta = {
+            "model": type(self.model).__name__,
+            "frozen_blocks": units - 1,
+            "build_seconds": round(seconds, 3),
+        }
+        self.store.finish(slot, array, directory, seq_axis, meta)
+        logger.info(
+            "Activation cache: built %d examples of %r (%s) in %.1f s",
+            n,
+            slot.name,
+            human_bytes(array.nbytes),
+            seconds,
+        )
+        return True
+
+    # ------------------------------------------------------------------ lookup (from the model's forward)
+    def _lookup(self, ids: Any, bound: Any, frozen_units: int) -> tuple[torch.Tensor, int] | None:
+        if ids is None:
+            return None
+        if not self._units or frozen_units < self._units:
+            if self._units and "moved" not in self._warned:
+                self._warned.add("moved")
+                logger.warning(
+                    "The frozen boundary moved below the cached one (embeddings + %d blocks); running the "
+                    "whole model until the cache is refreshed (add `cache.callback()` to the Trainer to "
+                    "rebuild it).",
+                    self._units - 1,
+                )
+            self.stats["uncached_batches"] += 1
+            return None
+        arguments = bound.arguments
+        main = arguments.get(self._main_input)
+        if not isinstance(main, torch.Tensor) or main.dim() != 2:
+            self.stats["uncached_batches"] += 1
+            return None
+        slot_index, rows = split_ids(ids)
+        if len(set(slot_index.tolist())) != 1 or not 0 <= int(slot_index[0]) < len(self._slots):
+            self.stats["uncached_batches"] += 1
+            return None
+        slot = self._slots[int(slot_index[0])]
+        if slot.array is None or rows.max() >= len(slot.rows) or self._prefix_changed():
+            self.stats["uncached_batches"] += 1
+            return None
+        self._check_rows(slot, rows, main, arguments.get("attention_mask"))
+        like = torch.empty(
+            (len(rows), main.shape[1]) if slot.seq_axis else (len(rows),),
+            dtype=self._hidden_dtype(),
+            device=main.device,
+        )
+        self.stats["cached_batches"] += 1
+        return self.store.rows_tensor(slot, rows, like), self._units
+
+    def _prefix_changed(self) -> bool:
+        """Whether the prefix weights differ from those the activations were computed with (checked once)."""
+        if not self._fingerprint_checked:
+            self._fingerprint_checked = True
+            if (
+                self._fingerprint is not None
+                and prefix_fingerprint(self.layout, self._units) != self._fingerprint
+            ):
+                self._stale = True
+                logger.warning(
+                    "The frozen prefix's weights changed after the activation cache was built (for example DDP "
+                    "broadcast rank 0's weights, or a checkpoint was loaded): running the whole model until "
+                    "`cache.refresh(check_weights=True)` rebuilds it. Add `cache.callback()` to the Trainer "
+                    "(`prepare_cached_training` does) to refresh it when training starts."
+                )
+        return self._stale
+
+    def _hidden_dtype(self) -> torch.dtype:
+        param = next(self.model.parameters(), None)
+        return param.dtype if param is not None and param.is_floating_point() else torch.float32
+
+    def _check_rows(self, slot: Slot, rows: np.ndarray, input_ids: torch.Tensor, mask: Any) -> None:
+        got = slot.rows.batch_checksums(rows, input_ids, mask)
+        bad = np.nonzero(got != slot.rows.checksums[rows])[0]
+        if len(bad):
+            raise ActivationCacheError(
+                f"Examples {rows[bad][:5].tolist()} of {slot.name!r} are not the ones the activation cache "
+                f"was built from (their {self._main_input} changed after `prepare()`, or the collator pads "
+                "differently). Call `cache.prepare()` on the changed dataset."
+            )
+
+
+# -------------------------------------------------------------------------------------------- Trainer glue
+class ActivationCacheCallback(TLCallback):
+    """Keeps an `ActivationCache` in step with the freeze boundary during `Trainer.train`.
+
+    At the start of training it checks the prefix weights (a resumed checkpoint may have changed them), and at
+    the start of every epoch and step it rebuilds the cache if a freeze schedule moved the boundary. Add it
+    *after* the callbacks that freeze or unfreeze layers. Without it, a moved boundary makes batches run
+    uncached.
+    """
+
+    def __init__(self, cache: ActivationCache) -> None:
+        super().__init__()
+        self.cache = cache
+
+    def _refresh(self, state: TrainerState, check_weights: bool = False) -> None:
+        before = self.cache.frozen_blocks
+        started = time.perf_counter()
+        if self.cache.refresh(check_weights=check_weights):
+            after = self.cache.frozen_blocks
+            self.log_event(
+                state,
+                f"activation cache: frozen blocks {before} -> {after} ({time.perf_counter() - started:.1f} "
+                "s)",
+                {"activation_cache/frozen_blocks": float(-1 if after is None else after)},
+            )
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self._refresh(state, check_weights=True)
+
+    def on_epoch_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self._refresh(state)
+
+    def on_step_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self._refresh(state)
