@@ -380,3 +380,52 @@ def test_console_script_scans_in_a_subprocess(tmp_path, tiny_models, train_csv):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert TransferConfig.load(Path(out) / "transfer_config.yaml").strategy in ("full", "layers")
+
+
+# ------------------------------------------------------------------------------------------------- benchmark
+def load_benchmark():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "scan_vs_grid.py"
+    spec = importlib.util.spec_from_file_location("scan_vs_grid", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_summary_puts_grid_and_scan_side_by_side():
+    bench = load_benchmark()
+    scan = make_scan([0.6, 0.7, 0.8, 0.75], [-0.7, -0.6, -0.5, -0.55])
+    rec = recommend(scan)
+    scan_json = {"scan": scan.to_dict(), "recommendation": rec.to_dict()}
+    grid = {0: [0.80, 0.82], 1: [0.79, 0.81], 2: [0.78, 0.78], 3: [0.70, 0.72]}
+    summary = bench.summarise(scan_json, grid, scan_seconds=10.0, full_seconds=40.0)
+    assert summary["grid_best_boundary"] == 0
+    assert summary["recommended_boundary"] == rec.boundary == 2
+    assert summary["recommended_minus_best_points"] == pytest.approx(-3.0)
+    assert summary["scan_over_full_run"] == 0.25
+    # accuracy ranks 4 3 2 1 against probe ranks 1 2 4 3: rho = 1 - 6 * 18 / (4 * 15) = -0.8
+    assert summary["spearman"]["probe_accuracy"] == pytest.approx(-0.8)
+    report = bench.format_report(summary)
+    assert "<- grid best" in report
+    assert "<- recommended" in report
+    assert "ratio 0.25" in report
+    assert bench.with_recommended([0, 2, 4, 6], 5) == [0, 2, 4, 5, 6]
+    assert bench.train_command({"train_size": 10, "test_size": 5, "epochs": 1, "learning_rate": 1e-4}, 3, 7,
+                               Path("o"))[-19:-13] == ["--strategy", "layers", "--freeze_bottom_blocks", "3",
+                                                       "--num_train_epochs", "1"]  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.real_model
+def test_benchmark_quick_mode_runs(tmp_path):
+    """Several minutes (4 MiniLM fine-tuning runs of 300 reviews and a scan); its numbers are in docs/layer-scan.md."""
+    result = subprocess.run(
+        [sys.executable, "benchmarks/scan_vs_grid.py", "--quick", "--json", str(tmp_path / "quick.json")],
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=3600, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads((tmp_path / "quick.json").read_text())["summary"]
+    assert summary["recommended_accuracy"] is not None
+    assert summary["scan_seconds"] > 0

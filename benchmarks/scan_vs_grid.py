@@ -1,0 +1,260 @@
+"""The layer scan against the freeze-boundary grid it is meant to replace (issue #13), side by side in one run.
+
+One command (offline)::
+
+    .venv/bin/python benchmarks/scan_vs_grid.py            # the full grid: boundaries 0-6, 3 seeds, 2,000 reviews
+    .venv/bin/python benchmarks/scan_vs_grid.py --quick    # boundaries 0, 2, 4, 6; 1 seed; 300 train / 200 test
+
+On the bundled fine-food reviews with the bundled all-MiniLM-L6-v2 (6 blocks), every run a fresh subprocess with
+the same environment (``OMP_NUM_THREADS`` and torch threads from ``--threads``):
+
+1. ``tl-plugin scan`` on the training split: each layer's probe accuracy and LogME, and its recommendation;
+2. the grid: ``tl-plugin train`` for every freeze boundary (and the recommended one, when the grid lacks it) (0 = ``--strategy full``; ``b`` > 0 = ``--strategy
+   layers --freeze_bottom_blocks b``: the embeddings and the bottom ``b`` blocks frozen), the same learning rate
+   and epochs, for each seed; the test accuracy of each run;
+3. a table: per boundary, the grid's mean test accuracy and the scan's scores of the features that boundary's first
+   trained block reads; the Spearman correlation of each scan score with the grid accuracy; the recommended
+   boundary's accuracy against the grid's best; the scan's wall time against one full fine-tuning run's
+   (boundary 0, first seed; both as subprocess wall times, model loading included).
+
+The JSON goes to ``benchmarks/results/scan_vs_grid.json`` (``scan_vs_grid_quick.json`` with ``--quick``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+
+FULL = {"boundaries": [0, 1, 2, 3, 4, 5, 6], "seeds": [42, 43, 44], "train_size": 2000, "test_size": 500}
+QUICK = {"boundaries": [0, 2, 4, 6], "seeds": [42], "train_size": 300, "test_size": 200}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="boundaries 0,2,4,6; 1 seed; 300 train / 200 test")
+    parser.add_argument("--boundaries", type=int, nargs="+", help="freeze boundaries of the grid (default 0-6)")
+    parser.add_argument("--seeds", type=int, nargs="+", help="seeds of the grid (default 42 43 44)")
+    parser.add_argument("--train_size", type=int, help="training reviews (default 2000)")
+    parser.add_argument("--test_size", type=int, help="test reviews (default 500)")
+    parser.add_argument("--epochs", type=float, default=2.0)
+    parser.add_argument("--learning_rate", type=float, default=1e-4)
+    parser.add_argument("--pooling", default="auto", help="the scan's --pooling (default: the model's own)")
+    parser.add_argument("--threads", type=int, default=1, help="OMP / torch threads of every subprocess")
+    parser.add_argument("--json", type=Path, help="where the results go (default: benchmarks/results/...)")
+    return parser
+
+
+def settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The run's settings: the preset (full or quick) with the explicit flags over it."""
+    preset = dict(QUICK if args.quick else FULL)
+    for key in ("boundaries", "seeds", "train_size", "test_size"):
+        if getattr(args, key) is not None:
+            preset[key] = getattr(args, key)
+    bad = [b for b in preset["boundaries"] if not 0 <= b <= 6]
+    if bad:
+        raise SystemExit(f"--boundaries must be between 0 and 6 (MiniLM has 6 blocks), got {bad}")
+    return {**preset, "epochs": args.epochs, "learning_rate": args.learning_rate, "pooling": args.pooling}
+
+
+def transfer_flags(boundary: int) -> list[str]:
+    """The train flags of one freeze boundary."""
+    if boundary == 0:
+        return ["--strategy", "full"]
+    return ["--strategy", "layers", "--freeze_bottom_blocks", str(boundary)]
+
+
+def data_flags(run: dict[str, Any]) -> list[str]:
+    return ["--train_size", str(run["train_size"]), "--test_size", str(run["test_size"])]
+
+
+def train_command(run: dict[str, Any], boundary: int, seed: int, out: Path) -> list[str]:
+    return [
+        sys.executable, "-m", "tl_plugin.cli", "train", *data_flags(run), *transfer_flags(boundary),
+        "--num_train_epochs", str(run["epochs"]), "--learning_rate", str(run["learning_rate"]), "--seed", str(seed),
+        "--eval_strategy", "no", "--save_strategy", "no", "--disable_tqdm", "true", "--output_dir", str(out),
+    ]  # fmt: skip
+
+
+def scan_command(run: dict[str, Any], out: Path) -> list[str]:
+    return [sys.executable, "-m", "tl_plugin.cli", "scan", *data_flags(run), "--pooling", run["pooling"],
+            "--output_dir", str(out)]  # fmt: skip
+
+
+def with_recommended(boundaries: Sequence[int], recommended: int) -> list[int]:
+    """The grid's boundaries, with the scan's recommendation added when missing (its accuracy is then measured)."""
+    return sorted({*boundaries, recommended})
+
+
+def subprocess_env(threads: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+        OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+    )  # fmt: skip
+    return env
+
+
+def timed(command: list[str], env: dict[str, str], log: Path) -> float:
+    """Run `command`, its output to `log`; its wall time in seconds (a failure stops the benchmark)."""
+    started = time.perf_counter()
+    with open(log, "w") as handle:
+        code = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, env=env, check=False).returncode
+    seconds = time.perf_counter() - started
+    if code != 0:
+        raise SystemExit(f"{' '.join(command)} failed ({code}); its output: {log}")
+    return seconds
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
+    """Spearman's rank correlation (ties get their mean rank); `None` with fewer than 3 points or a constant."""
+    from scipy.stats import spearmanr
+
+    if len(x) < 3 or len(set(x)) < 2 or len(set(y)) < 2:
+        return None
+    return float(spearmanr(x, y).statistic)
+
+
+def summarise(scan: dict[str, Any], grid: dict[int, list[float]], scan_seconds: float, full_seconds: float) -> dict[str, Any]:
+    """The side-by-side numbers of one benchmark run."""
+    layers = {layer["boundary"]: layer for layer in scan["scan"]["layers"]}
+    combined = scan["recommendation"]["combined_scores"]
+    boundaries = sorted(grid)
+    mean = {b: statistics.fmean(grid[b]) for b in boundaries}
+    rows = [
+        {
+            "boundary": b,
+            "grid_accuracy_mean": mean[b],
+            "grid_accuracy_sd": statistics.stdev(grid[b]) if len(grid[b]) > 1 else 0.0,
+            "grid_accuracies": grid[b],
+            "layer": layers[b]["layer"],
+            "probe_accuracy": layers[b]["probe_accuracy"],
+            "logme": layers[b]["logme"],
+            "combined": combined[layers[b]["layer"]],
+        }
+        for b in boundaries
+    ]
+    best = max(boundaries, key=lambda b: mean[b])
+    recommended = scan["recommendation"]["boundary"]
+    accuracies = [mean[b] for b in boundaries]
+    return {
+        "rows": rows,
+        "grid_best_boundary": best,
+        "grid_best_accuracy": mean[best],
+        "recommended_boundary": recommended,
+        "recommended_accuracy": mean.get(recommended),
+        "recommended_minus_best_points": (
+            None if recommended not in mean else round(100 * (mean[recommended] - mean[best]), 2)
+        ),
+        "recommended_learning_rate_range": scan["recommendation"]["learning_rate_range"],
+        "spearman": {
+            key: spearman([row[key] for row in rows], accuracies) for key in ("probe_accuracy", "logme", "combined")
+        },
+        "scan_seconds": round(scan_seconds, 1),
+        "full_run_seconds": round(full_seconds, 1),
+        "scan_over_full_run": round(scan_seconds / full_seconds, 3),
+    }
+
+
+def format_report(summary: dict[str, Any]) -> str:
+    lines = [
+        f"{'boundary':>8} {'layer read':<11} {'grid test acc':>15} {'probe acc':>9} {'LogME':>8} {'combined':>8}",
+    ]
+    for row in summary["rows"]:
+        marks = ("  <- grid best" if row["boundary"] == summary["grid_best_boundary"] else "") + (
+            "  <- recommended" if row["boundary"] == summary["recommended_boundary"] else ""
+        )
+        grid = f"{row['grid_accuracy_mean']:.4f}±{row['grid_accuracy_sd']:.4f}"
+        lines.append(
+            f"{row['boundary']:>8} {row['layer']:<11} {grid:>15} {row['probe_accuracy']:>9.4f} {row['logme']:>8.4f} "
+            f"{row['combined']:>8.3f}{marks}"
+        )
+    rho = summary["spearman"]
+    lines += [
+        "",
+        "Spearman (scan score at boundary b vs grid accuracy at b): "
+        + ", ".join(f"{k} {'n/a' if v is None else f'{v:+.2f}'}" for k, v in rho.items()),
+        f"recommended boundary {summary['recommended_boundary']}: "
+        + (
+            "not in the grid"
+            if summary["recommended_accuracy"] is None
+            else f"{summary['recommended_accuracy']:.4f} vs grid best {summary['grid_best_accuracy']:.4f} "
+            f"(boundary {summary['grid_best_boundary']}): {summary['recommended_minus_best_points']:+.2f} points"
+        ),
+        f"wall time: scan {summary['scan_seconds']:.0f} s, one full fine-tuning run {summary['full_run_seconds']:.0f} s: "
+        f"ratio {summary['scan_over_full_run']:.2f}",
+    ]
+    return "\n".join(lines)
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "load_average": os.getloadavg(), "python": platform.python_version()}
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = build_parser().parse_args(argv)
+    run = settings(args)
+    env = subprocess_env(args.threads)
+    started = datetime.now(timezone.utc)
+    print(f"settings: {run}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="scan-vs-grid-") as tmp:
+        work = Path(tmp)
+        scan_seconds = timed(scan_command(run, work / "scan"), env, work / "scan.log")
+        scan = json.loads((work / "scan" / "scan.json").read_text())
+        recommended = scan["recommendation"]["boundary"]
+        print(f"scan: {scan_seconds:.0f} s; recommends boundary {recommended}", flush=True)
+        run["boundaries"] = with_recommended(run["boundaries"], recommended)
+        grid: dict[int, list[float]] = {b: [] for b in run["boundaries"]}
+        full_seconds = None
+        for seed in run["seeds"]:
+            for boundary in run["boundaries"]:
+                out = work / f"b{boundary}-s{seed}"
+                seconds = timed(train_command(run, boundary, seed, out), env, work / f"b{boundary}-s{seed}.log")
+                accuracy = json.loads((out / "metrics.json").read_text())["test_accuracy"]
+                grid[boundary].append(accuracy)
+                if boundary == 0 and full_seconds is None:
+                    full_seconds = seconds
+                print(f"grid: boundary {boundary} seed {seed}: test accuracy {accuracy:.4f} ({seconds:.0f} s)", flush=True)
+        if full_seconds is None:  # boundary 0 not in the grid: time one full run on its own
+            full_seconds = timed(train_command(run, 0, run["seeds"][0], work / "full"), env, work / "full.log")
+    summary = summarise(scan, grid, scan_seconds, full_seconds)
+    print("\n" + format_report(summary))
+    result = {
+        "command": " ".join(["python benchmarks/scan_vs_grid.py", *(argv if argv is not None else sys.argv[1:])]),
+        "date": started.strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine(),
+        "threads": args.threads,
+        "settings": run,
+        "summary": summary,
+        "scan": scan,
+    }
+    path = args.json or RESULTS / ("scan_vs_grid_quick.json" if args.quick else "scan_vs_grid.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"results: {path}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
