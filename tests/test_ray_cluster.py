@@ -85,9 +85,10 @@ def _start_node(args: list[str], log: Path, env: dict[str, str]) -> subprocess.P
     return proc
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    """A running 2-node Ray cluster on this machine: ``{"address", "env", "head", "worker"}``."""
+@contextlib.contextmanager
+def running_cluster():
+    """A running 2-node Ray cluster on this machine: ``{"address", "env", "head", "worker"}``; stopped (every
+    process of both nodes' sessions) and its temp dirs removed at the end."""
     pytest.importorskip("ray")
     home = Path(tempfile.mkdtemp(prefix="tlhome-", dir="/tmp"))
     temp_a = tempfile.mkdtemp(prefix="tlrayA-", dir="/tmp")
@@ -114,6 +115,12 @@ def cluster():
             _stop_session(proc)
         for folder in (home, temp_a, temp_b):
             shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with running_cluster() as running:
+        yield running
 
 
 def _trial_results(experiment: Path) -> dict[str, list[dict]]:
@@ -193,3 +200,47 @@ def test_unwritable_storage_path_fails_before_any_trial(tmp_path, monkeypatch):
             search.run_search(args)
     assert started == []
     assert not (tmp_path / "out" / "search.json").exists()  # nothing of a search was written
+
+
+@pytest.mark.slow  # about 2.5 minutes on 2 cores; passed on 2026-12-01 (make test runs -m "not slow")
+def test_a_worker_node_stopped_mid_search_has_its_trial_retried_from_its_checkpoint_on_the_other_node(tmp_path):
+    model = tlt.save_tiny_bert(tmp_path / "tiny-bert", num_hidden_layers=2)
+    out = tmp_path / "search"
+    storage = tmp_path / "shared-storage"
+    experiment = storage / "tl-search"
+    command = [
+        TL_PLUGIN, "search", "--model_name_or_path", str(model), "--train_size", "32", "--max_epochs", "3",
+        "--num_samples", "2", "--cpus_per_trial", "1", "--strategies", "layers", "--max_failures", "2",
+        "--storage_path", str(storage), "--output_dir", str(out), "--quiet_workers", "--verbose", "0",
+    ]  # fmt: skip
+    with running_cluster() as nodes:
+        log = tmp_path / "search.log"
+        with log.open("w") as handle:
+            driver = subprocess.Popen([*command, "--address", nodes["address"]], env=nodes["env"], cwd=tmp_path,
+                                      stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        try:
+            deadline = time.monotonic() + 400
+            on_worker = None
+            while on_worker is None:  # a trial on the worker node reported its first epoch (and its checkpoint)
+                if driver.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"no trial reported on the worker node:\n{log.read_text()[-3000:]}")
+                for trial, reports in _trial_results(experiment).items():
+                    if reports and reports[-1]["node_ip"] == WORKER_IP:
+                        on_worker = trial
+                time.sleep(0.1)
+            _stop_session(nodes["worker"])  # only the node this test started
+            driver.wait(timeout=540)
+        finally:
+            if driver.poll() is None:
+                _stop_session(driver)
+    assert driver.returncode == 0, log.read_text()[-4000:]
+    with (out / "results.csv").open() as handle:
+        assert [row["status"] for row in csv.DictReader(handle)] == ["completed", "completed"]
+    reports = _trial_results(experiment)[on_worker]
+    assert reports[0]["node_ip"] == WORKER_IP
+    assert reports[-1]["node_ip"] != WORKER_IP  # finished on the head node
+    assert [r["training_iteration"] for r in reports][-1] == 3
+    runs = [json.loads(line) for line in (experiment / on_worker / tlt.RUNS_FILE).read_text().splitlines()]
+    retried = [r for r in runs if r["start"] == "resumed"]
+    assert retried, runs  # not started over from epoch 0 ...
+    assert retried[0]["from_step"] > 0  # ... but from the checkpoint the worker node had reported

@@ -4,13 +4,23 @@ Real local Ray, real trials on the tiny 3-block BERT of ``test_tune.py`` with 64
 
 - a trial that raises once (fault injection, ``TL_TUNE_FAIL_ONCE``) after its first epoch resumes from that epoch's
   checkpoint and ends with the same metrics as an identical trial that never failed;
+- a search driver killed with SIGKILL at three points (right after a trial's last report, in the middle of a trial
+  after an epoch's checkpoint, while a resumed driver restores the experiment), resumed each time: every trial
+  finished before a kill is kept and never trained again, and the last resume completes the search;
 - Population Based Training: an exploiting trial starts from the better trial's weights (digest equal to the one the
   better trial computed when it saved that checkpoint) and with the perturbed freeze boundary applied to them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import csv
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -25,6 +35,7 @@ fake_home = _shared.fake_home
 ray_env = _shared.ray_env
 
 ROOT = Path(__file__).resolve().parents[1]
+TL_PLUGIN = str(Path(sys.executable).with_name("tl-plugin"))
 
 
 def _runs(trial_dir: Path) -> list[dict]:
@@ -94,6 +105,125 @@ def test_a_trial_that_fails_once_resumes_from_its_checkpoint_with_equal_metrics(
         for key in ("eval_loss", "eval_accuracy", "epoch"):
             assert a[key] == pytest.approx(b[key], rel=0, abs=1e-6), (key, a[key], b[key])
     assert (dirs[failed_id] / tlt.FINISHED_FILE).is_file()
+
+
+# ------------------------------------------------------------------------------------------------ SIGKILL
+def _session_pids(sid: int) -> list[int]:
+    """Live processes of the session ``sid`` (a driver this test started with start_new_session, and the local
+    Ray it started)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError):
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                if int(fields[3]) == sid and fields[0] != "Z":
+                    pids.append(int(entry.name))
+    return pids
+
+
+def _kill_session(proc: subprocess.Popen) -> None:
+    """SIGKILL the driver and every process of its session (its local Ray), and wait until they are gone."""
+    for pid in [proc.pid, *_session_pids(proc.pid)]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while _session_pids(proc.pid) and time.monotonic() < deadline:
+        for pid in _session_pids(proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.3)
+    assert not _session_pids(proc.pid), "processes of the killed driver's session survived SIGKILL"
+
+
+def _snapshot(experiment: Path) -> dict[str, tuple[bool, int, bool]]:
+    """Per trial folder: (its finished marker exists, its number of tl_runs.jsonl lines, it has a checkpoint)."""
+    return {
+        d.name: ((d / tlt.FINISHED_FILE).is_file(), len(_runs(d)), any(d.glob("checkpoint_*")))
+        for d in _trial_dirs(experiment)
+    }
+
+
+def _run_until(command: list[str], env: dict, log: Path, condition, timeout: float = 400) -> dict:
+    """Start the driver in its own session; when `condition()` holds, SIGKILL it (with its local Ray)."""
+    with log.open("w") as handle:
+        proc = subprocess.Popen(command, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    try:
+        while not condition():
+            if proc.poll() is not None:
+                pytest.fail(f"the search ended (rc {proc.returncode}) before the kill point:\n{log.read_text()[-3000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"kill point not reached in {timeout} s:\n{log.read_text()[-3000:]}")
+            time.sleep(0.05)
+    finally:
+        _kill_session(proc)
+    return {"rc": proc.returncode}
+
+
+@pytest.mark.slow  # about 4 minutes on 2 cores (one search, killed 3 times); passed on 2026-12-01
+@pytest.mark.ray
+def test_a_driver_killed_at_several_points_loses_and_repeats_no_finished_trial(
+    ray_env, tiny_model_dir, tmp_path
+):
+    out = tmp_path / "search"
+    experiment = out / "ray_results" / "tl-search"
+    env = {**os.environ, "RAY_DEDUP_LOGS": "1"}  # HOME: the fixture's isolated one
+    env.pop("RAY_ADDRESS", None)
+    command = [
+        TL_PLUGIN, "search", "--model_name_or_path", tiny_model_dir, "--train_size", "32", "--max_epochs", "2",
+        "--num_samples", "3", "--max_concurrent", "1", "--metric", "eval_loss", "--mode", "min",
+        "--grace_period", "2", "--output_dir", str(out), "--quiet_workers", "--verbose", "0",
+    ]  # fmt: skip
+    resume = [TL_PLUGIN, "search", "--resume", "--output_dir", str(out), "--verbose", "0", "--quiet_workers"]
+
+    def finished() -> set[str]:
+        return {name for name, (done, _, _) in _snapshot(experiment).items() if done}
+
+    def checkpointed_an_epoch_unfinished(before: set[str]):
+        # Tune writes a reported checkpoint straight into the storage (result.json reaches it only when the driver
+        # syncs): an unfinished trial with a checkpoint folder has reported its first epoch
+        return lambda: any(
+            d.name not in before and not (d / tlt.FINISHED_FILE).is_file() and any(d.glob("checkpoint_*"))
+            for d in _trial_dirs(experiment)
+        )
+
+    snapshots = []
+    # 1. right after the first trial's last report: its marker is written just before that report
+    _run_until(command, env, tmp_path / "run1.log", lambda: bool(finished()))
+    snapshots.append(_snapshot(experiment))
+    # 2. in the middle of a later trial, after its first epoch's checkpoint was reported
+    done = finished()
+    _run_until(resume, env, tmp_path / "run2.log", checkpointed_an_epoch_unfinished(done))
+    snapshots.append(_snapshot(experiment))
+    # 3. while the resumed driver starts Ray and restores the experiment
+    _run_until(resume, env, tmp_path / "run3.log", lambda: "Resuming" in (tmp_path / "run3.log").read_text())
+    snapshots.append(_snapshot(experiment))
+    # 4. the last resume runs to the end
+    last = subprocess.run(resume, env=env, capture_output=True, text=True, timeout=600)
+    assert last.returncode == 0, last.stdout[-4000:] + last.stderr[-4000:]
+
+    with (out / "results.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert sorted(r["status"] for r in rows) == ["completed"] * 3
+    final = {d.name: _runs(d) for d in _trial_dirs(experiment)}
+    assert len(final) == 3
+    kept = resumed = 0
+    for snapshot in snapshots:
+        for name, (was_finished, lines, had_checkpoint) in snapshot.items():
+            later = final[name][lines:]
+            if was_finished:
+                assert all(r["start"] == "skipped" for r in later), (name, later)  # never trained again
+                kept += 1
+            elif had_checkpoint:  # killed mid-trial: it goes on from its checkpoint, never from scratch
+                assert later, (name, final[name])
+                assert all(r["start"] in ("resumed", "skipped") for r in later), (name, later)
+                assert later[0]["start"] == "resumed" and later[0]["global_step"] > 0, (name, later)  # noqa: PT018
+                resumed += 1
+    assert kept >= 2, snapshots  # the kill points above did hit finished trials ...
+    assert resumed >= 1, snapshots  # ... and a trial in the middle of its run
+    for name, runs in final.items():
+        assert runs[0]["start"] == "fresh", (name, runs)
 
 
 # ------------------------------------------------------------------------------------------------ PBT

@@ -505,6 +505,56 @@ def _write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+class TrialFolder:
+    """A trial's folder in the search's storage (``<storage_path>/<experiment>/<trial>``, on the storage's
+    filesystem: a local or shared disk, or a bucket), where the trial keeps `FINISHED_FILE` and `RUNS_FILE`.
+
+    Not the trial's local folder (``get_trial_dir()``): that one lives on the node that ran the trial and reaches
+    the storage only when the driver syncs it, so a driver killed right after a trial's last report, or a retry on
+    another node after a node was lost, would not find what the trial wrote there. Written here, a marker is in the
+    storage before the report that follows it.
+    """
+
+    def __init__(self, filesystem: Any, path: str) -> None:
+        self.filesystem = filesystem
+        self.path = path.rstrip("/")
+
+    @classmethod
+    def of_current_trial(cls) -> TrialFolder:
+        """The folder of the trial this Tune function runs (``ray.tune.get_context().get_storage()``)."""
+        storage = require_ray().tune.get_context().get_storage()
+        return cls(storage.storage_filesystem, storage.trial_fs_path)
+
+    def _file(self, name: str) -> str:
+        return f"{self.path}/{name}"
+
+    def exists(self, name: str) -> bool:
+        import pyarrow.fs
+
+        return self.filesystem.get_file_info(self._file(name)).type != pyarrow.fs.FileType.NotFound
+
+    def read_text(self, name: str) -> str | None:
+        if not self.exists(name):
+            return None
+        with self.filesystem.open_input_stream(self._file(name)) as stream:
+            return stream.read().decode()
+
+    def write_text(self, name: str, text: str) -> None:
+        """Write `name` whole (a temporary file moved into place: a reader never sees half of it)."""
+        self.filesystem.create_dir(self.path, recursive=True)
+        temporary = self._file(f".{name}.{os.getpid()}.tmp")
+        with self.filesystem.open_output_stream(temporary) as stream:
+            stream.write(text.encode())
+        self.filesystem.move(temporary, self._file(name))
+
+    def write_json(self, name: str, data: Any) -> None:
+        self.write_text(name, json.dumps(data, indent=1, default=str) + "\n")
+
+    def append_line(self, name: str, record: Mapping[str, Any]) -> None:
+        """Append one JSON line to `name` (rewritten whole: buckets cannot append; these files are small)."""
+        self.write_text(name, (self.read_text(name) or "") + json.dumps(dict(record), default=str) + "\n")
+
+
 class TuneReportCallback(TrainerCallback):
     """A `transformers.TrainerCallback` that sends every evaluation's metrics to Ray Tune (``ray.tune.report``).
 
@@ -516,7 +566,7 @@ class TuneReportCallback(TrainerCallback):
     Trainer wrote its checkpoint (weights, optimizer, scheduler, RNG, trainer state, the schedules' state file), with
     that folder as the Tune checkpoint, plus `CHECKPOINT_INFO_FILE` (trial, step, config, weights digest, frozen
     parameters, gradual-unfreezing phase). Just before the last epoch's report, `FINISHED_FILE` is written into
-    ``trial_dir``: a restored trial that finds it does not train again.
+    the trial's `TrialFolder` (``folder``): a restored trial that finds it does not train again.
     """
 
     def __init__(
@@ -524,13 +574,13 @@ class TuneReportCallback(TrainerCallback):
         checkpoints: bool = False,
         *,
         trial_id: str | None = None,
-        trial_dir: str | None = None,
+        folder: TrialFolder | None = None,
         config: Mapping[str, Any] | None = None,
         max_epochs: int | None = None,
     ) -> None:
         self.checkpoints = checkpoints
         self.trial_id = trial_id
-        self.trial_dir = trial_dir
+        self.folder = folder
         self.config = {k: _plain(v) for k, v in (config or {}).items()}
         self.max_epochs = max_epochs
         self._pending: dict[str, float] | None = None
@@ -570,7 +620,7 @@ class TuneReportCallback(TrainerCallback):
             "unfreeze_phase": _schedule_phase(getattr(self, "_callbacks", None)),
         }
         _write_json(folder / CHECKPOINT_INFO_FILE, info)
-        if finished and self.trial_dir:
+        if finished and self.folder is not None:
             # before the report: `ray.tune.report` may not return once the driver has the result (it waits for the
             # driver's next request), and a driver killed now must still see this trial as finished on --resume
             record = {
@@ -579,7 +629,7 @@ class TuneReportCallback(TrainerCallback):
                 "epoch": epoch,
                 "global_step": state.global_step,
             }
-            _write_json(Path(self.trial_dir) / FINISHED_FILE, record)
+            self.folder.write_json(FINISHED_FILE, record)
         ray.tune.report(report, checkpoint=ray.tune.Checkpoint.from_directory(str(folder)))
         _maybe_fail_once(self.trial_id)
 
@@ -626,20 +676,19 @@ class _RecordStart(TrainerCallback):
     """Appends one line to the trial's `RUNS_FILE` when training starts (after a checkpoint is loaded): how the run
     started, the weights digest and the frozen parameters at that moment."""
 
-    def __init__(self, path: Path | None, record: Mapping[str, Any]) -> None:
-        self.path = path
+    def __init__(self, folder: TrialFolder | None, record: Mapping[str, Any]) -> None:
+        self.folder = folder
         self.record = dict(record)
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.path is None:
+        if self.folder is None or not state.is_world_process_zero:
             return
         model = kwargs.get("model")
         line = {**self.record, "global_step": int(state.global_step), "pid": os.getpid()}
         if model is not None:
             line["weights_digest"] = weights_digest(model)
             line["frozen"] = _frozen_names(model)
-        with self.path.open("a") as handle:
-            handle.write(json.dumps(line, default=str) + "\n")
+        self.folder.append_line(RUNS_FILE, line)
 
 
 def trial_command_line(
@@ -737,10 +786,8 @@ def _run_training(
     return trainer
 
 
-def _append_run(trial_dir: str | None, record: Mapping[str, Any]) -> None:
-    if trial_dir:
-        with Path(trial_dir, RUNS_FILE).open("a") as handle:
-            handle.write(json.dumps({**record, "pid": os.getpid()}, default=str) + "\n")
+def _append_run(folder: TrialFolder, record: Mapping[str, Any]) -> None:
+    folder.append_line(RUNS_FILE, {**record, "pid": os.getpid()})
 
 
 def train_transfer_trial(config: dict[str, Any], settings: Mapping[str, Any]) -> None:
@@ -769,8 +816,9 @@ def train_transfer_trial(config: dict[str, Any], settings: Mapping[str, Any]) ->
     trial_dir = context.get_trial_dir()
     if trial_dir:  # on a Ray worker node (not the driver's), Ray does not create it before the trial writes to it
         Path(trial_dir).mkdir(parents=True, exist_ok=True)
-    if trial_dir and Path(trial_dir, FINISHED_FILE).is_file():
-        _append_run(trial_dir, {"start": "skipped", "why": FINISHED_FILE})
+    folder = TrialFolder.of_current_trial()
+    if folder.exists(FINISHED_FILE):
+        _append_run(folder, {"start": "skipped", "why": FINISHED_FILE})
         return
     checkpoint = ray.tune.get_checkpoint()
     local = None
@@ -781,7 +829,7 @@ def train_transfer_trial(config: dict[str, Any], settings: Mapping[str, Any]) ->
             checkpoint.to_directory(local)
             info = json.loads(Path(local, CHECKPOINT_INFO_FILE).read_text())
             if info.get("finished") and info.get("trial_id") == trial_id:
-                _append_run(trial_dir, {"start": "skipped", "why": "finished checkpoint"})
+                _append_run(folder, {"start": "skipped", "why": "finished checkpoint"})
                 return
             resume = (local, info)
         record = {"start": "fresh"} if resume is None else {
@@ -800,11 +848,11 @@ def train_transfer_trial(config: dict[str, Any], settings: Mapping[str, Any]) ->
         reporter = TuneReportCallback(
             checkpoints=True,
             trial_id=trial_id,
-            trial_dir=trial_dir,
+            folder=folder,
             config=config,
             max_epochs=resolved.max_epochs,
         )
-        start = _RecordStart(Path(trial_dir, RUNS_FILE) if trial_dir else None, record)
+        start = _RecordStart(folder, record)
         _run_training(config, resolved, [reporter], checkpoints=True, resume=resume, front_callbacks=[start])
     finally:
         if local is not None:
