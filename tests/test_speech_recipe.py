@@ -138,6 +138,9 @@ def test_quick_run_end_to_end(recipe, tmp_path):
         seen[name] = {n: t.detach().clone() for n, t in model.state_dict().items()}
 
     results = recipe.main(argv, on_variant_end=keep)
+    speaker = recipe.resemblyzer_checkpoint_path() is not None
+    expected = ["probe", "partial_bn", "full", "scratch"]
+    expected += ["speaker_probe", "speaker_top", "speaker_full", "speaker_scratch"] if speaker else []
 
     # The split: no voice, and no voice variant, is in both.
     split = results["split"]
@@ -156,7 +159,7 @@ def test_quick_run_end_to_end(recipe, tmp_path):
     # The results file: an accuracy per variant, on the held-out voices and on the training voices.
     saved = json.loads((out / "results.json").read_text())
     assert saved["synthetic_speech"] is True
-    assert list(saved["variants"]) == ["probe", "partial_bn", "full", "scratch"]
+    assert list(saved["variants"]) == expected
     assert saved["chance"] == pytest.approx(1 / 3, abs=1e-4)
     for row in saved["variants"].values():
         assert 0.0 <= row["test_accuracy"] <= 1.0
@@ -164,7 +167,7 @@ def test_quick_run_end_to_end(recipe, tmp_path):
         assert set(row["test_accuracy_per_voice"]) == set(split["test_voices"])
         assert row["steps"] == 1
     with (out / "results.csv").open() as handle:
-        assert [r["variant"] for r in csv.DictReader(handle)] == ["probe", "partial_bn", "full", "scratch"]
+        assert [r["variant"] for r in csv.DictReader(handle)] == expected
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # Linear probe: only the classifier changed; every frozen tensor (BatchNorm statistics too) is as loaded.
@@ -183,9 +186,74 @@ def test_quick_run_end_to_end(recipe, tmp_path):
     # ... whereas the full fine-tune moved the backbone.
     assert not torch.equal(seen["full"]["stem.conv.weight"], reference["stem.conv.weight"])
 
+    if speaker:  # the speaker encoder's probe: LSTM layers and projection as loaded, the classifier trained
+        encoder = recipe.SpeakerEncoderForWordClassification.from_resemblyzer(3)
+        changed = [n for n, t in encoder.state_dict().items() if not torch.equal(seen["speaker_probe"][n], t)]
+        assert changed == ["classifier.weight", "classifier.bias"]
+        assert saved["variants"]["speaker_probe"]["trainable_groups"] == ["head"]
+        top = seen["speaker_top"]
+        assert torch.equal(top["lstm.1.weight_hh_l0"], encoder.state_dict()["lstm.1.weight_hh_l0"])
+        assert not torch.equal(top["lstm.2.weight_hh_l0"], encoder.state_dict()["lstm.2.weight_hh_l0"])
+
     # A re-run synthesises nothing and trains nothing.
     mtimes = {p: p.stat().st_mtime_ns for p in wavs}
     trained: list[str] = []
     recipe.main(argv, on_variant_end=lambda name, model, result: trained.append(name))
     assert trained == []
     assert {p: p.stat().st_mtime_ns for p in wavs} == mtimes
+
+
+def _require_resemblyzer(recipe) -> None:
+    if recipe.resemblyzer_checkpoint_path() is not None:
+        return
+    reason = "resemblyzer is not installed: pip install --no-deps resemblyzer==0.1.4"
+    if os.environ.get("TL_PLUGIN_REQUIRE_RESEMBLYZER") == "1":
+        pytest.fail(f"{reason} (TL_PLUGIN_REQUIRE_RESEMBLYZER=1 makes this a failure)")
+    pytest.skip(reason)
+
+
+def test_speaker_encoder_weights_load_into_discoverable_layers_and_tell_voices_apart(recipe, tmp_path):
+    """resemblyzer's weights, renamed, load completely; discovery finds its 3 LSTM layers; its embeddings of
+    one voice saying different words are closer than those of different voices (what a speaker encoder is for),
+    and a randomly initialised copy does not separate them."""
+    _require_espeak()
+    _require_resemblyzer(recipe)
+    from tl_plugin import discover_layer_groups
+
+    checkpoint = torch.load(recipe.resemblyzer_checkpoint_path(), map_location="cpu", weights_only=True)
+    converted = recipe.convert_resemblyzer_state_dict(checkpoint["model_state"])
+    assert len(converted) == len(checkpoint["model_state"]) - 2  # the GE2E loss's similarity weight and bias
+    model = recipe.SpeakerEncoderForWordClassification.from_resemblyzer(num_labels=4).eval()
+    for key, tensor in converted.items():
+        assert torch.equal(model.state_dict()[key], tensor), key
+    assert discover_layer_groups(model).names == ["blocks.0", "blocks.1", "blocks.2", "other", "head"]
+
+    clips = recipe.make_clips(["yes", "no", "left", "stop"], ["en-us"], ["m1", "f1", "klatt"], 1, seed=0)
+    recipe.synthesise(clips, tmp_path)
+    features = torch.stack(
+        [recipe.speaker_mel(recipe.centre_word(recipe.load_wav(tmp_path / c.filename))) for c in clips]
+    )
+    assert features.shape == (len(clips), recipe.SPEAKER_FRAMES, recipe.SPEAKER_N_MELS)
+    voice = torch.tensor([[a.variant == b.variant for b in clips] for a in clips])
+    off_diagonal = ~torch.eye(len(clips), dtype=torch.bool)
+
+    def similarities(encoder):
+        with torch.no_grad():
+            x = features
+            for layer in encoder.lstm:
+                x, (h, _) = layer(x)
+            e = torch.nn.functional.normalize(torch.relu(encoder.projection(h[-1])), dim=1)
+        sim = e @ e.T
+        return float(sim[voice & off_diagonal].mean()), float(sim[~voice].mean())
+
+    same, other = similarities(model)
+    assert same > other + 0.05, (same, other)
+    torch.manual_seed(0)
+    same, other = similarities(recipe.SpeakerEncoderForWordClassification(num_labels=4))
+    assert abs(same - other) < 0.05, (same, other)
+
+
+def test_speaker_variants_without_resemblyzer_stop_with_the_install_command(recipe, tmp_path, monkeypatch):
+    monkeypatch.setattr(recipe, "resemblyzer_checkpoint_path", lambda: None)
+    with pytest.raises(SystemExit, match="pip install --no-deps resemblyzer==0.1.4"):
+        recipe.main([*QUICK_COMMAND, "--runs", "speaker_probe", "--output-dir", str(tmp_path)])
