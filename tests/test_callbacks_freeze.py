@@ -31,7 +31,7 @@ from tl_plugin.callbacks import (
     attach,
 )
 from tl_plugin.callbacks.schedules import SCHEDULE_STATE_FILE
-from tl_plugin.optim import TransferTrainer
+from tl_plugin.trainer import TransferTrainer
 
 ALL_GROUPS = list(TINY_BERT_GROUP_PREFIXES)  # embeddings, blocks.0-3, other, head
 
@@ -143,7 +143,15 @@ def test_transfer_callback_partial_reinitialises_once_at_init(tmp_path):
 def test_transfer_config_lr_decay_makes_a_plain_trainer_build_layerwise_groups(tmp_path):
     callback = TransferCallback(TransferConfig(strategy="layers", freeze_bottom_blocks=2, lr_decay=0.5))
     trainer, model, before, record = run(tmp_path, callback, max_steps=3)
-    depth = {"head": 0, "other": 0, "blocks.3": 1, "blocks.2": 2, "blocks.1": 3, "blocks.0": 4, "embeddings": 5}
+    depth = {
+        "head": 0,
+        "other": 0,
+        "blocks.3": 1,
+        "blocks.2": 2,
+        "blocks.1": 3,
+        "blocks.0": 4,
+        "embeddings": 5,
+    }
     names = [g["group_name"] for g in trainer.optimizer.param_groups]
     assert record.lrs[1] == pytest.approx([1e-2 * 0.5 ** depth[n] * linear(1, 0, 3) for n in names], rel=1e-9)
     frozen = tiny_bert_params(model, "embeddings", "blocks.0", "blocks.1")
@@ -277,14 +285,17 @@ phases:
 """
 
 
-def test_yaml_schedule_with_per_phase_lr_and_layerwise_decay(tmp_path):
+@pytest.mark.parametrize("trainer_cls", [TransferTrainer, Trainer])
+def test_yaml_schedule_with_per_phase_lr_and_layerwise_decay(tmp_path, trainer_cls):
+    # with a plain Trainer, the decay callback (after the schedule in the list, never bound) rebuilds the optimizer
+    # at train start, after the schedule applied phase 0's lr: the schedule re-applies it before the first step
     path = tmp_path / "schedule.yaml"
     path.write_text(SCHEDULE_YAML)
     callback = FreezeScheduleCallback(str(path))
     recorder = StepRecorder()
     model = build_tiny_bert()
     before = snapshot(model)
-    trainer = TransferTrainer(
+    trainer = trainer_cls(
         model=model,
         args=training_args(tmp_path, max_steps=10),
         train_dataset=RandomTokens(),

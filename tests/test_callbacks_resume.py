@@ -26,7 +26,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E4
 
 from tl_plugin.callbacks import GradualUnfreezingCallback, LinearProbeThenFineTuneCallback  # noqa: E402
 from tl_plugin.callbacks.schedules import SCHEDULE_STATE_FILE  # noqa: E402
-from tl_plugin.optim import TransferTrainer  # noqa: E402
+from tl_plugin.trainer import TransferTrainer  # noqa: E402
 
 EPOCHS = 4
 STEPS_PER_EPOCH = 4  # 32 examples, batch 8

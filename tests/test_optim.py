@@ -22,12 +22,12 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from tl_plugin import discover_layer_groups, freeze
 from tl_plugin.callbacks import LayerwiseLRDecayCallback, attach
 from tl_plugin.optim import (
-    TransferTrainer,
     canonical_parameter_name,
     create_optimizer,
     layerwise_param_groups,
     optimizer_cls_and_kwargs,
 )
+from tl_plugin.trainer import TransferTrainer
 
 N_BLOCKS = TINY_BERT_CONFIG["num_hidden_layers"]
 #: Depth from the top of each tiny-BERT group, written out by hand (head/other 0, block i: 4 - i, embeddings 5).
@@ -194,18 +194,50 @@ def test_plain_trainer_gets_the_same_layerwise_lrs(tmp_path, how):
     assert held == {id(p) for p in model.parameters()}
 
 
-def test_layerwise_callback_alone_in_a_plain_trainer_installs_the_factory(tmp_path):
+def test_layerwise_callback_alone_in_a_plain_trainer_rebuilds_the_optimizer_at_train_start(tmp_path):
     model = build_tiny_bert()
     recorder = LrRecorder()
-    args = training_args(tmp_path, max_steps=4)
+    args = training_args(tmp_path, max_steps=4, weight_decay=0.1)
     callback = LayerwiseLRDecayCallback(0.5)
     trainer = Trainer(model=model, args=args, train_dataset=RandomTokens(), callbacks=[callback, recorder])
     trainer.train()
-    assert callback.trainer is trainer  # bound from `on_init_end`, then the factory built the optimizer
+    assert callback.trainer is None  # never bound: nothing looks for the trainer
     for name, lr in recorder.lrs[1]:
         assert lr == pytest.approx(1e-3 * 0.5 ** DEPTH[name] * linear(1, 0, 4), rel=1e-9), name
+    # the same groups, lrs and weight decays as the layer-wise factory builds
+    reference = create_optimizer(build_tiny_bert(), args, lr_decay=0.5)
+    built = trainer.optimizer.param_groups
+    assert [(g["group_name"], len(g["params"]), g["weight_decay"], g["initial_lr"]) for g in built] == [
+        (g["group_name"], len(g["params"]), g["weight_decay"], g["lr"]) for g in reference.param_groups
+    ]
+    assert {id(p) for g in built for p in g["params"]} == {id(p) for p in model.parameters()}
     logged = [e for e in trainer.state.log_history if "tl/lr_scale/blocks.0" in e]
     assert logged[0]["tl/lr_scale/blocks.0"] == 0.5**4
+
+
+def test_an_unattached_callback_with_a_reporting_integration_stops_naming_attach(tmp_path):
+    from transformers.integrations import get_available_reporting_integrations
+
+    if "tensorboard" not in get_available_reporting_integrations():
+        pytest.skip("no TensorBoard writer installed (tensorboard or tensorboardX)")
+    model = build_tiny_bert()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    args = training_args(tmp_path, max_steps=2, report_to=["tensorboard"])
+    trainer = Trainer(
+        model=model, args=args, train_dataset=RandomTokens(), callbacks=[LayerwiseLRDecayCallback(0.5)]
+    )
+    with pytest.raises(
+        ValueError, match=r"^LayerwiseLRDecayCallback cannot send .* `tl_plugin.attach\(trainer"
+    ):
+        trainer.train()
+    assert trainer.state.global_step == 0
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    # attached, the same run trains and logs through `Trainer.log`
+    attached = attach(
+        Trainer(model=model, args=args, train_dataset=RandomTokens()), LayerwiseLRDecayCallback(0.5)
+    )
+    attached.train()
+    assert any("tl/lr_scale/blocks.0" in e for e in attached.state.log_history)
 
 
 def test_layerwise_callback_with_your_own_optimizer_fails_before_training_and_names_the_fix(tmp_path):

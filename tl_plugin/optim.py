@@ -19,9 +19,10 @@ Three ways to use it with a `Trainer`:
 
 - `optimizer_cls_and_kwargs` for ``Trainer(optimizer_cls_and_kwargs=...)`` (a plain Trainer: one added argument);
 - `create_optimizer` for ``Trainer(optimizers=(optimizer, None))`` (not with ``model_init``, nor FSDP);
-- `TransferTrainer`, a `Trainer` subclass that builds the layer-wise optimizer from the model it is given, wrapped
-  or not (FSDP with ``use_orig_params=True`` creates the optimizer after wrapping), and binds the tl_plugin
-  callbacks so that their events go through `Trainer.log`.
+- `tl_plugin.trainer.TransferTrainer`, a `Trainer` subclass that builds the layer-wise optimizer from the model it
+  is given, wrapped or not (FSDP with ``use_orig_params=True`` creates the optimizer after wrapping), and binds the
+  tl_plugin callbacks. (``from tl_plugin.optim import TransferTrainer`` still works: a lazy re-export kept for
+  compatibility; this module imports nothing above it.)
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Collection, Iterable
+from collections.abc import Collection
 from typing import Any, cast
 
 import torch
@@ -41,7 +42,6 @@ from .discovery import LayerGroup, LayerGroups, discover_layer_groups
 logger = logging.getLogger("tl_plugin")
 
 __all__ = [
-    "TransferTrainer",
     "canonical_parameter_name",
     "create_optimizer",
     "default_no_decay_names",
@@ -416,86 +416,12 @@ def optimizer_cls_and_kwargs(
     return optimizer_cls, kwargs
 
 
-def _callback_setting(callbacks: Iterable[Any], attribute: str) -> Any:
-    for callback in callbacks:
-        value = getattr(callback, attribute, None)
-        if value is not None:
-            return value
-    return None
+def __getattr__(name: str) -> Any:
+    # Compatibility: `TransferTrainer` lived here; it is now in `tl_plugin.trainer` (above the callbacks, which this
+    # module must not import). `from tl_plugin.optim import TransferTrainer` keeps working through this lazy
+    # re-export; new code imports it from `tl_plugin.trainer` (or `tl_plugin`).
+    if name == "TransferTrainer":
+        import importlib
 
-
-class TransferTrainer(Trainer):
-    """A `transformers.Trainer` whose optimizer holds every parameter in layer-wise param groups (see the module
-    docstring), and which binds the tl_plugin callbacks so that their events go through `Trainer.log`.
-
-    The optimizer is built in `create_optimizer` from the model the Trainer gives it, which under FSDP (with
-    ``use_orig_params=True``) is the wrapped model: wrapper segments are removed from the parameter names to find
-    their layer groups (discovered once, at construction, on the unwrapped model). Your own ``optimizers=`` or
-    ``optimizer_cls_and_kwargs=`` take precedence (the layer-wise optimizer is then not built).
-
-    A run launched on several processes that the Trainer would not wrap in DistributedDataParallel (e.g.
-    ``torchrun`` on CPUs without ``use_cpu=True``) raises `tl_plugin.distributed.DistributedSetupError` in the
-    constructor (see :func:`tl_plugin.distributed.check_ddp_will_wrap`).
-
-    Every `Trainer` argument is accepted, plus:
-
-    Args:
-        lr_decay (`float`, *optional*): layer-wise LR decay in (0, 1]. Defaults to the ``lr_decay`` of a
-            `LayerwiseLRDecayCallback` (or of a `TransferCallback`'s config) among the callbacks; `None`: no decay.
-        layer_groups (`LayerGroups`, *optional*): the model's groups; discovered when absent (with the ``blocks`` /
-            ``head`` overrides of a tl_plugin callback's config, if one has them).
-
-    Example:
-
-    ```python
-    >>> import tempfile
-    >>> from transformers import BertConfig, BertForSequenceClassification, TrainingArguments
-    >>> from tl_plugin.optim import TransferTrainer
-    >>> model = BertForSequenceClassification(
-    ...     BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37)
-    ... )
-    >>> args = TrainingArguments(tempfile.mkdtemp(), learning_rate=1e-3, use_cpu=True, report_to=[])
-    >>> trainer = TransferTrainer(model=model, args=args, lr_decay=0.5)
-    >>> {g["group_name"]: g["lr"] for g in trainer.create_optimizer().param_groups}["blocks.0"]
-    0.00025
-
-    ```
-    """
-
-    def __init__(
-        self,
-        *args: Any,
-        lr_decay: float | None = None,
-        layer_groups: LayerGroups | None = None,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(*args, **kwargs)
-        from .distributed import check_ddp_will_wrap
-
-        check_ddp_will_wrap(self.args, type(self).__name__)
-        callbacks = self.callback_handler.callbacks
-        if lr_decay is None:
-            lr_decay = _callback_setting(callbacks, "lr_decay")
-        self.tl_lr_decay = _check_lr_decay(lr_decay)
-        if self.tl_lr_decay is not None and self.optimizer is not None:
-            raise ValueError(
-                f"`lr_decay`={self.tl_lr_decay} needs the optimizer TransferTrainer builds, but `optimizers=` was "
-                f"given: drop `optimizers=`, or build yours with `tl_plugin.optim.create_optimizer`."
-            )
-        if layer_groups is None:
-            overrides = _callback_setting(callbacks, "layer_group_overrides") or {}
-            layer_groups = discover_layer_groups(unwrap_model(cast(nn.Module, self.model)), **overrides)
-        self.tl_layer_groups = layer_groups
-        from .callbacks.base import bind_all
-
-        bind_all(self)
-
-    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
-        """Build the layer-wise optimizer (unless an optimizer or `optimizer_cls_and_kwargs` was given)."""
-        if self.optimizer is not None or self.optimizer_cls_and_kwargs is not None:
-            return super().create_optimizer(model)
-        opt_model = cast(nn.Module, self.model if model is None else model)
-        self.optimizer = create_optimizer(
-            opt_model, self.args, lr_decay=self.tl_lr_decay, groups=self.tl_layer_groups
-        )
-        return self.optimizer
+        return importlib.import_module("tl_plugin.trainer").TransferTrainer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,10 +1,22 @@
-"""Shared machinery of the tl_plugin callbacks: logging through `Trainer.log`, main-process-only side effects.
+"""Shared machinery of the tl_plugin callbacks: binding to a `Trainer`, logging, conflict checks, and the checks
+every callback runs before the first training step.
 
-A `TrainerCallback` never sees the `Trainer` itself, only the model, optimizer and scheduler. To log events (freeze
-phases, penalties) so that TensorBoard, W&B and MLflow users see them, a tl_plugin callback must be *bound* to its
-trainer: `TransferTrainer` binds them automatically, and :func:`attach` does it for a plain `Trainer`. An unbound
-callback still works; its events then go to the Python logger (``tl_plugin``) on the main process only, and are
-kept in :attr:`TLCallback.events`.
+A `TrainerCallback` never sees the `Trainer` itself, only the model, optimizer and scheduler. A tl_plugin callback
+is given its trainer explicitly, by :meth:`TLCallback.bind`: `tl_plugin.trainer.TransferTrainer` binds its
+callbacks in its constructor, and :func:`attach` binds them for a plain `Trainer`. Nothing looks for the trainer
+anywhere else (no call-stack inspection, no module-global registry).
+
+A bound callback sends the numbers of its events through `Trainer.log`, so TensorBoard, W&B and MLflow see them.
+An unbound one (passed as ``Trainer(callbacks=[...])`` and never attached) writes the same entry into
+``state.log_history`` (what `Trainer.log` records there, so ``trainer_state.json`` and the history plots have it)
+and the ``tl_plugin`` logger, on the main process; it cannot reach the Trainer's reporting integrations, so when
+``TrainingArguments.report_to`` names one, it stops at ``on_train_begin`` with one line naming the fix
+(:func:`attach` or `TransferTrainer`) instead of leaving the dashboards silently without its numbers.
+
+Two callbacks that both decide one thing (e.g. which parameters are trainable: their `conflict_key`) raise a
+`ValueError` before training: :func:`bind_all` checks the trainer's callbacks, and an unbound callback checks the
+callbacks the Trainer lists in ``state.stateful_callbacks`` (every `ExportableState` callback exports its
+`conflict_key` there) at ``on_init_end`` and at the start of a fresh ``train()``.
 
 Every tl_plugin callback also refuses, before the first training step, a run launched on several processes that the
 Trainer would not wrap in DistributedDataParallel (:func:`tl_plugin.distributed.check_ddp_will_wrap`): the check
@@ -16,9 +28,8 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import sys
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
@@ -28,31 +39,39 @@ from ..distributed import check_ddp_will_wrap, is_distributed
 
 logger = logging.getLogger("tl_plugin")
 
+#: The attribute, in an `ExportableState` callback's exported state, that names its `conflict_key`.
+CONFLICT_KEY_ATTRIBUTE = "conflict_key"
+
 
 class TLCallback(TrainerCallback):
     """Base class of the tl_plugin callbacks.
 
     Subclasses call :meth:`log_event` for things a person wants to see in their dashboards. The event's numbers go
-    through `Trainer.log` (main process only) when the callback is bound to its trainer; its text goes to the
-    ``tl_plugin`` logger.
+    through `Trainer.log` (main process only) when the callback is bound to its trainer (:meth:`bind`), else into
+    ``state.log_history``; its text goes to the ``tl_plugin`` logger.
 
     At ``on_init_end`` and ``on_train_begin`` (its own or a subclass's override, wrapped by `__init_subclass__`) the
-    callback first calls :func:`tl_plugin.distributed.check_ddp_will_wrap`: several launched processes that the
-    Trainer would not wrap in DDP raise `tl_plugin.distributed.DistributedSetupError` before the first step.
+    callback first runs the checks before the first step: :func:`tl_plugin.distributed.check_ddp_will_wrap`
+    (several launched processes that the Trainer would not wrap in DDP raise
+    `tl_plugin.distributed.DistributedSetupError`), and, at ``on_train_begin``, that an unbound callback which
+    reports numbers is not in a run whose ``report_to`` names reporting integrations it cannot reach.
     """
 
     #: Callbacks of the same `conflict_key` decide which parameters are trainable: two in one Trainer conflict.
     conflict_key: str | None = None
 
-    #: The events at which the DDP check runs (before the first step: ``Trainer(...)`` and the start of ``train``).
-    _DDP_CHECK_EVENTS = ("on_init_end", "on_train_begin")
+    #: Whether the callback logs numbers (``tl/...``) that a run's reporting integrations should receive.
+    reports_metrics: bool = True
+
+    #: The events at which the checks before the first step run (``Trainer(...)`` and the start of ``train``).
+    _CHECKED_EVENTS = ("on_init_end", "on_train_begin")
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        for event in cls._DDP_CHECK_EVENTS:
+        for event in cls._CHECKED_EVENTS:
             method = cls.__dict__.get(event)
             if method is not None and not getattr(method, "_tl_checks_ddp", False):
-                setattr(cls, event, _checking_ddp(method))
+                setattr(cls, event, _checking(event, method))
 
     def __init__(self) -> None:
         self._trainer_ref: weakref.ReferenceType[Any] | None = None
@@ -60,86 +79,103 @@ class TLCallback(TrainerCallback):
 
     # ------------------------------------------------------------------ binding
     def bind(self, trainer: Any) -> None:
-        """Give the callback a (weak) reference to its trainer, so that events go through `trainer.log`."""
+        """Give the callback a (weak) reference to its trainer, so that events go through `trainer.log`.
+
+        Called by `TransferTrainer` and :func:`attach` (through :func:`bind_all`); subclasses extend it to prepare
+        what needs the trainer (e.g. the optimizer it will build).
+        """
         self._trainer_ref = weakref.ref(trainer)
 
     @property
     def trainer(self) -> Any | None:
+        """The trainer the callback is bound to, or `None`."""
         return self._trainer_ref() if self._trainer_ref is not None else None
-
-    def bind_from_caller(self) -> None:
-        """Bind to the `Trainer` firing the current event, if the callback is not bound yet.
-
-        A callback passed as ``Trainer(callbacks=[...])`` is never given its trainer. Called from an event handler,
-        this finds the `Trainer` whose method fired the event further up the call stack (its ``__init__`` for
-        ``on_init_end``, ``train`` for ``on_train_begin``) and, if this callback is one of its callbacks, binds every
-        tl_plugin callback of that trainer (:func:`bind_all`, which also checks for conflicts). When no trainer is
-        found, the callback stays unbound and logs to the Python logger only.
-        """
-        if self.trainer is not None:
-            return
-        trainer = find_calling_trainer()
-        if trainer is not None and any(cb is self for cb in trainer.callback_handler.callbacks):
-            bind_all(trainer)
 
     # ------------------------------------------------------------------ logging
     def log_event(self, state: TrainerState, message: str, metrics: dict[str, float] | None = None) -> None:
-        """Record an event; on the main process, log `message` and send `metrics` through `Trainer.log`."""
+        """Record an event; on the main process, log `message` and send `metrics` through `Trainer.log` (bound) or
+        into ``state.log_history`` (unbound)."""
         event = {"step": state.global_step, "epoch": state.epoch, "message": message, **(metrics or {})}
         self.events.append(event)
         if not state.is_world_process_zero:
             return
         logger.info("[step %s] %s", state.global_step, message)
+        if not metrics:
+            return
         trainer = self.trainer
-        if trainer is not None and metrics:
-            # `Trainer.log` runs `on_log`, which resets `control.should_log`. Called from a step or epoch event that
-            # would drop the Trainer's own loss log for that step on this process only, and under DDP the ranks
-            # would then disagree on the loss all-gather: keep the flag as it was.
-            control = getattr(trainer, "control", None)
-            should_log = getattr(control, "should_log", None)
-            trainer.log(dict(metrics))
-            if control is not None and should_log is not None:
-                control.should_log = should_log
+        if trainer is None:
+            # what `Trainer.log` writes into the history (it also passes it to the reporting integrations, which
+            # an unbound callback cannot reach: see `_check_reporting`)
+            entry: dict[str, Any] = dict(metrics)
+            if state.epoch is not None:
+                entry["epoch"] = state.epoch
+            state.log_history.append({**entry, "step": state.global_step})
+            return
+        # `Trainer.log` runs `on_log`, which resets `control.should_log`. Called from a step or epoch event that
+        # would drop the Trainer's own loss log for that step on this process only, and under DDP the ranks would
+        # then disagree on the loss all-gather: keep the flag as it was.
+        control = getattr(trainer, "control", None)
+        should_log = getattr(control, "should_log", None)
+        trainer.log(dict(metrics))
+        if control is not None and should_log is not None:
+            control.should_log = should_log
 
     def on_init_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        check_ddp_will_wrap(args, type(self).__name__)
+        _check_before_first_step(self, "on_init_end", args)
 
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        check_ddp_will_wrap(args, type(self).__name__)
+        _check_before_first_step(self, "on_train_begin", args)
 
 
-def _checking_ddp(method: Callable[..., Any]) -> Callable[..., Any]:
-    """`method` (a callback event handler), preceded by :func:`tl_plugin.distributed.check_ddp_will_wrap`."""
+def _reporting_integrations(args: TrainingArguments) -> list[str]:
+    report_to = getattr(args, "report_to", None)
+    if report_to is None:
+        return []
+    names = [report_to] if isinstance(report_to, str) else list(report_to)
+    return [str(n) for n in names if str(n) != "none"]
+
+
+def _check_reporting(callback: TLCallback, args: TrainingArguments) -> None:
+    """Raise when an unbound callback that reports numbers runs with reporting integrations it cannot reach."""
+    if callback.trainer is not None or not callback.reports_metrics:
+        return
+    integrations = _reporting_integrations(args)
+    if integrations:
+        name = type(callback).__name__
+        raise ValueError(
+            f"{name} cannot send its numbers to `report_to`={integrations} from `Trainer(callbacks=[...])`: add it "
+            f"with `tl_plugin.attach(trainer, {name}(...))` or build the Trainer with `tl_plugin.TransferTrainer`."
+        )
+
+
+def _check_before_first_step(callback: TLCallback, event: str, args: TrainingArguments) -> None:
+    check_ddp_will_wrap(args, type(callback).__name__)
+    if event == "on_train_begin":
+        _check_reporting(callback, args)
+
+
+def _checking(event: str, method: Callable[..., Any]) -> Callable[..., Any]:
+    """`method` (a callback event handler), preceded by the checks before the first step."""
 
     @functools.wraps(method)
     def handler(self: TLCallback, args: TrainingArguments, *rest: Any, **kwargs: Any) -> Any:
-        check_ddp_will_wrap(args, type(self).__name__)
+        _check_before_first_step(self, event, args)
         return method(self, args, *rest, **kwargs)
 
     handler._tl_checks_ddp = True  # type: ignore[attr-defined]
     return handler
 
 
-def find_calling_trainer(max_depth: int = 16) -> Any | None:
-    """The `transformers.Trainer` whose method is running up to `max_depth` frames up the call stack, or `None`."""
-    from transformers import Trainer
-
-    frame = sys._getframe(1)
-    try:
-        for _ in range(max_depth):
-            if frame is None:
-                return None
-            candidate = frame.f_locals.get("self")
-            if isinstance(candidate, Trainer):
-                return candidate
-            frame = frame.f_back  # type: ignore[assignment]
-        return None
-    finally:
-        del frame
+# ---------------------------------------------------------------------------------------------- conflicts
+def _conflict_message(first: str, second: str, key: str) -> str:
+    return (
+        f"Conflicting callbacks: {first} and {second} both control {key}. Use one of them (a "
+        f"FreezeScheduleCallback can express several phases)."
+    )
 
 
 def check_no_conflicts(callbacks: Iterable[Any]) -> None:
@@ -155,20 +191,32 @@ def check_no_conflicts(callbacks: Iterable[Any]) -> None:
         owners[key] = name
 
 
-def attach(trainer: Any, *callbacks: TrainerCallback) -> Any:
-    """Add `callbacks` to a plain `transformers.Trainer` and bind every tl_plugin callback to it.
+def check_no_conflicts_in_state(state: TrainerState) -> None:
+    """:func:`check_no_conflicts` over the callbacks a Trainer lists in ``state.stateful_callbacks``.
 
-    Binding lets the callbacks log through `trainer.log`, so TensorBoard / W&B / MLflow see freeze events. Returns
-    the trainer.
+    The Trainer exports there every `ExportableState` callback it holds (in ``Trainer(...)``, and again at the
+    start of a fresh ``train()``); the tl_plugin ones export their `conflict_key` as the attribute
+    :data:`CONFLICT_KEY_ATTRIBUTE`. This is how callbacks passed as ``Trainer(callbacks=[...])``, which never see
+    each other, find a conflict before training.
     """
-    for callback in callbacks:
-        trainer.add_callback(callback)
-    bind_all(trainer)
-    return trainer
+    exported: Any = state.stateful_callbacks
+    if not isinstance(exported, Mapping):
+        return
+    owners: dict[str, str] = {}
+    for name, entries in exported.items():
+        for entry in entries if isinstance(entries, list) else [entries]:
+            attributes = entry.get("attributes") if isinstance(entry, Mapping) else None
+            key = attributes.get(CONFLICT_KEY_ATTRIBUTE) if isinstance(attributes, Mapping) else None
+            if not isinstance(key, str):
+                continue
+            if key in owners:
+                raise ValueError(_conflict_message(owners[key], str(name), key))
+            owners[key] = str(name)
 
 
+# ---------------------------------------------------------------------------------------------- binding
 def bind_all(trainer: Any) -> None:
-    """Bind every `TLCallback` of `trainer` to it and check that no two of them conflict."""
+    """Check that no two callbacks of `trainer` conflict, then bind every `TLCallback` of `trainer` to it."""
     handler_callbacks = trainer.callback_handler.callbacks
     check_no_conflicts(handler_callbacks)
     for callback in handler_callbacks:
@@ -176,42 +224,38 @@ def bind_all(trainer: Any) -> None:
             callback.bind(trainer)
 
 
-# ---------------------------------------------------------------------------------------------- shared helpers
-#: Per-object claims of conflict keys: {anchor (a model or an optimizer): {conflict_key: (scope ref, callback ref)}}.
-_CLAIMS: weakref.WeakKeyDictionary[Any, dict[str, tuple[Any, weakref.ReferenceType[Any]]]] = (
-    weakref.WeakKeyDictionary()
-)
+def attach(trainer: Any, *callbacks: TrainerCallback) -> Any:
+    """Add `callbacks` to a plain `transformers.Trainer` and bind every tl_plugin callback of it to it.
 
+    The route for a `Trainer` you build yourself (`tl_plugin.trainer.TransferTrainer` binds its callbacks itself).
+    Binding gives each callback its trainer: events go through `trainer.log` (so TensorBoard / W&B / MLflow see
+    them), a layer-wise LR decay makes the trainer build its layer-wise optimizer, and a freeze schedule prepares
+    the model before the optimizer is built. Callbacks passed as ``Trainer(callbacks=[...])`` are bound too. Raises
+    a `ValueError` when two of the trainer's callbacks conflict. Returns the trainer.
 
-def _conflict_message(first: str, second: str, key: str) -> str:
-    return (
-        f"Conflicting callbacks: {first} and {second} both control {key}. Use one of them (a "
-        f"FreezeScheduleCallback can express several phases)."
-    )
+    Example:
 
+    ```python
+    >>> import tempfile
+    >>> from transformers import BertConfig, BertForSequenceClassification, Trainer, TrainingArguments
+    >>> from tl_plugin.callbacks import LayerwiseLRDecayCallback, attach
+    >>> model = BertForSequenceClassification(
+    ...     BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37)
+    ... )
+    >>> args = TrainingArguments(tempfile.mkdtemp(), learning_rate=1e-3, use_cpu=True, report_to=[])
+    >>> trainer = attach(Trainer(model=model, args=args), LayerwiseLRDecayCallback(0.5))
+    >>> [g["group_name"] for g in trainer.create_optimizer().param_groups][::2]
+    ['head', 'other', 'blocks.1', 'blocks.0', 'embeddings']
 
-def claim_exclusive(callback: Any, anchor: Any, scope: Any = None) -> None:
-    """Claim `callback.conflict_key` on `anchor` (the model at ``on_init_end``, the optimizer at ``on_train_begin``).
-
-    Callbacks passed as ``Trainer(callbacks=[...])`` never see each other: a second live callback of the same
-    `conflict_key` claiming the same anchor within the same `scope` (e.g. the `TrainerState` of one ``Trainer(...)``
-    call) raises the same `ValueError` as :func:`check_no_conflicts`, before training starts.
+    ```
     """
-    key = getattr(callback, "conflict_key", None)
-    if key is None:
-        return
-    owners = _CLAIMS.setdefault(anchor, {})
-    previous = owners.get(key)
-    scope_ref = weakref.ref(scope) if scope is not None else None
-    if previous is not None:
-        previous_scope = previous[0]() if previous[0] is not None else None
-        other = previous[1]()
-        same_scope = previous_scope is scope if scope is not None else previous[0] is None
-        if same_scope and other is not None and other is not callback:
-            raise ValueError(_conflict_message(type(other).__name__, type(callback).__name__, key))
-    owners[key] = (scope_ref, weakref.ref(callback))
+    for callback in callbacks:
+        trainer.add_callback(callback)
+    bind_all(trainer)
+    return trainer
 
 
+# ---------------------------------------------------------------------------------------------- shared helpers
 def require_find_unused_parameters(args: TrainingArguments, who: str) -> None:
     """Raise unless ``ddp_find_unused_parameters=True`` in a distributed run where `who` freezes parameters that
     the DDP reducer registered (they then produce no gradient in some steps).

@@ -53,14 +53,15 @@ from ..freezing import GroupReportRow, TrainableReport, select_parameters
 from ..optim import canonical_parameter_name, named_parameters_by_canonical_name, unwrap_model
 from ..transfer import groups_to_reinitialize, plan_trainable, reinitialize
 from .base import (
+    CONFLICT_KEY_ATTRIBUTE,
     TLCallback,
+    check_no_conflicts_in_state,
     checkpoint_folder,
-    claim_exclusive,
     optimizer_parameter_ids,
     require_find_unused_parameters,
     unwrap_scheduler,
 )
-from .lr import install_layerwise_optimizer, verify_layerwise_optimizer
+from .lr import ensure_layerwise_optimizer, install_layerwise_optimizer
 
 logger = logging.getLogger("tl_plugin")
 
@@ -499,6 +500,7 @@ class _PhasedCallback(TLCallback, ExportableState):
         self._base_lrs: list[float] | None = None
         self._lambdas_of: tuple[int, list[Callable[[int], float]]] | None = None
         self._restart_fns: dict[int, Callable[[int], float]] = {}
+        self._installed_lambdas: list[Callable[[int], float]] | None = None
         self._best: float | None = None
         self._bad = 0
         self._next_step = math.inf
@@ -703,7 +705,10 @@ class _PhasedCallback(TLCallback, ExportableState):
 
     def state(self) -> dict[str, Any]:
         """`ExportableState`: constructor arguments and the schedule state, saved in ``trainer_state.json``."""
-        return {"args": self._constructor_args(), "attributes": {"_tl_resume": self._payload()}}
+        return {
+            "args": self._constructor_args(),
+            "attributes": {"_tl_resume": self._payload(), CONFLICT_KEY_ATTRIBUTE: self.conflict_key},
+        }
 
     def _register_state(self, state: TrainerState) -> None:
         # A resumed `TrainerState` only lists the callbacks of the run that saved it, and `Trainer._save_checkpoint`
@@ -852,7 +857,7 @@ class _PhasedCallback(TLCallback, ExportableState):
     def _apply_lr(self, args: TrainingArguments, scheduler: Any) -> None:
         assert self._compiled is not None
         inner = unwrap_scheduler(scheduler)
-        if self._lambdas_of is None or self._lambdas_of[0] != id(inner):
+        if self._lambdas_of is None or self._lambdas_of[0] != id(inner) or self._lr_replaced(scheduler):
             self._lambdas_of = (id(inner), list(inner.lr_lambdas))
         originals = self._lambdas_of[1]
         groups = inner.optimizer.param_groups
@@ -871,6 +876,14 @@ class _PhasedCallback(TLCallback, ExportableState):
             group["initial_lr"] = base
             group["lr"] = base * fn(inner.last_epoch)
         inner._last_lr = [g["lr"] for g in groups]
+        self._installed_lambdas = inner.lr_lambdas
+
+    def _lr_replaced(self, scheduler: Any) -> bool:
+        """Whether the scheduler's lr functions are no longer those this callback installed (e.g. a
+        `LayerwiseLRDecayCallback` after it in the list rebuilt the param groups at train start)."""
+        if self._installed_lambdas is None or scheduler is None:
+            return False
+        return unwrap_scheduler(scheduler).lr_lambdas is not self._installed_lambdas
 
     def _restart_fn(self, args: TrainingArguments, j: int, start: int) -> Callable[[int], float]:
         if start not in self._restart_fns:
@@ -902,22 +915,20 @@ class _PhasedCallback(TLCallback, ExportableState):
     def on_init_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        self.bind_from_caller()
+        check_no_conflicts_in_state(state)
         model = kwargs.get("model")
         if model is None:
             return
-        claim_exclusive(self, model, state)
         if not self._is_prepared(model):
             self._prepare(model, args, stage="init")
 
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
-        self.bind_from_caller()
         model, optimizer, scheduler = kwargs["model"], kwargs.get("optimizer"), kwargs.get("lr_scheduler")
-        if optimizer is not None:
-            claim_exclusive(self, optimizer)
         resuming = state.global_step > 0
+        if not resuming:
+            check_no_conflicts_in_state(state)
         if not self._is_prepared(model):
             self._prepare(model, args, stage="train_begin", resuming=resuming)
         assert self._compiled is not None
@@ -925,16 +936,24 @@ class _PhasedCallback(TLCallback, ExportableState):
         if self._compiled.needs_unused_parameters:
             require_find_unused_parameters(args, type(self).__name__)
         if optimizer is not None:
-            self._check_optimizer_holds(optimizer)
             if self.lr_decay is not None:
-                verify_layerwise_optimizer(
-                    optimizer, self.lr_decay, f"{type(self).__name__} (lr_decay={self.lr_decay:g})"
+                ensure_layerwise_optimizer(
+                    self,
+                    optimizer,
+                    scheduler,
+                    model,
+                    args,
+                    self.lr_decay,
+                    self.layer_group_overrides,
+                    f"{type(self).__name__} (lr_decay={self.lr_decay:g})",
                 )
+            self._check_optimizer_holds(optimizer)
         if self._controls_lr():
             self._check_scheduler(scheduler, optimizer)
         self._max_steps = int(state.max_steps)
         self._phase, self._ended_at, self._started_at, self._base_lrs = -1, {}, {}, None
         self._best, self._bad, self._restart_fns, self._lambdas_of = None, 0, {}, None
+        self._installed_lambdas = None
         self._saved_phase = -1
         if resuming:
             self._restore(args, state)
@@ -958,6 +977,8 @@ class _PhasedCallback(TLCallback, ExportableState):
     ) -> None:
         if not self._active:
             return
+        if self._installed_lambdas is not None and self._lr_replaced(kwargs.get("lr_scheduler")):
+            self._apply_lr(args, kwargs.get("lr_scheduler"))  # another callback rebuilt the param groups
         if state.global_step < self._next_step and (state.epoch or 0.0) < self._next_epoch:
             return
         k = self._resolve(state)
