@@ -24,7 +24,8 @@ __version__ = "0.1.0"
 
 # Names whose modules import `transformers.Trainer` (seconds): loaded on first use, not at `import tl_plugin`.
 _LAZY = {
-    "TransferTrainer": "tl_plugin.optim",
+    "TransferTrainer": "tl_plugin.trainer",
+    "attach": "tl_plugin.trainer",
     "create_optimizer": "tl_plugin.optim",
     "layerwise_param_groups": "tl_plugin.optim",
     "WeightedCrossEntropyLoss": "tl_plugin.losses",
@@ -51,6 +52,7 @@ __all__ = [
     "TransferTrainer",
     "WeightedCrossEntropyLoss",
     "apply_transfer",
+    "attach",
     "class_weights_from_labels",
     "create_optimizer",
     "discover_layer_groups",
