@@ -16,6 +16,8 @@ MODULES = [
     "tl_plugin.config",
     "tl_plugin.transfer",
     "tl_plugin.optim",
+    "tl_plugin.trainer",
+    "tl_plugin.callbacks.base",
     "tl_plugin.callbacks.transfer",
     "tl_plugin.callbacks.schedules",
     "tl_plugin.callbacks.lr",
