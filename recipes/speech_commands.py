@@ -740,6 +740,7 @@ def format_table(results: dict[str, Any]) -> str:
 
 
 def plot_results(results: dict[str, Any], path: Path) -> Path:
+    """Horizontal bars: accuracy on the training voices and on the held-out voices per variant, and chance."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -747,35 +748,43 @@ def plot_results(results: dict[str, Any], path: Path) -> Path:
 
     rows = ordered_rows(results)
     settings, split = results["settings"], results["split"]
-    fig, ax = plt.subplots(figsize=(8.0, 4.4))
-    x = np.arange(len(rows))
-    width = 0.38
-    seen = ax.bar(x - width / 2, [r["train_voices_accuracy"] for r in rows], width, color="#c6dbef",
-                  label=f"training voices ({split['train_clips']} clips)")  # fmt: skip
-    held = ax.bar(x + width / 2, [r["test_accuracy"] for r in rows], width, color="#08519c",
-                  label=f"held-out voices ({split['test_clips']} clips, never heard in training)")  # fmt: skip
-    for bars in (seen, held):
-        for bar in bars:
-            ax.annotate(f"{bar.get_height():.2f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                        xytext=(0, 2), textcoords="offset points", ha="center", va="bottom", fontsize=9)  # fmt: skip
-    ax.axhline(results["chance"], color="#d62728", linestyle="--", linewidth=1.2,
+    source_label = {"imagenet": "ImageNet Lite0", "speaker": "speaker encoder"}
+    fig_height = 2.3 + 0.62 * len(rows)
+    fig, ax = plt.subplots(figsize=(9.0, fig_height))
+    y = np.arange(len(rows))[::-1].astype(float)
+    height = 0.38
+    seen = [r["train_voices_accuracy"] for r in rows]
+    held = [r["test_accuracy"] for r in rows]
+    ax.barh(y + height / 2, seen, height, color="#c6dbef", edgecolor="#6baed6",
+            label=f"training voices ({split['train_clips']} clips)")  # fmt: skip
+    ax.barh(y - height / 2, held, height, color="#08519c",
+            label=f"held-out voices ({split['test_clips']} clips; voices never heard in training)")  # fmt: skip
+    for yy, a, b in zip(y, seen, held, strict=True):
+        ax.annotate(f"{a:.3f}", (a, yy + height / 2), xytext=(3, 0), textcoords="offset points", va="center",
+                    fontsize=9, color="#3a6f9a")  # fmt: skip
+        ax.annotate(f"{b:.3f}", (b, yy - height / 2), xytext=(3, 0), textcoords="offset points", va="center",
+                    fontsize=10, fontweight="bold")  # fmt: skip
+    ax.axvline(results["chance"], color="#d62728", linestyle="--", linewidth=1.4,
                label=f"chance (1/{len(split['words'])} = {results['chance']:.2f})")  # fmt: skip
-    ax.set_xticks(
-        x,
-        [
-            f"{VARIANTS[r['variant']].label}\n{vision._short_count(r['trainable_params'])} trained"
-            for r in rows
-        ],
-    )
-    ax.set_ylim(0, 1.18)
-    ax.set_ylabel("accuracy")
-    ax.legend(loc="upper right", fontsize=8, ncol=1, framealpha=0.9)
+    labels = [
+        f"{source_label[VARIANTS[r['variant']].source]}: {VARIANTS[r['variant']].label.replace('speaker enc. ', '')}"
+        f"\n{vision._short_count(r['trainable_params'])} of {vision._short_count(r['total_params'])} params trained"
+        for r in rows
+    ]
+    ax.set_yticks(y, labels, fontsize=9)
+    ax.set_xlim(0, 1.1)
+    ax.set_xlabel("accuracy", fontsize=10)
+    ax.grid(axis="x", alpha=0.3)
+    handles, names = ax.get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=2, fontsize=9, frameon=False)
+    epochs = f"{settings['epochs']:g} epoch{'s' if settings['epochs'] != 1 else ''}"
     ax.set_title(
-        f"Synthetic speech (espeak-ng), {len(split['words'])} words: ImageNet EfficientNet-Lite0 on "
-        f"{settings['image_size']}x{settings['image_size']} log-mel, {settings['epochs']:g} epochs",
+        f"Synthetic speech (espeak-ng), {len(split['words'])} words, test voices never heard in training\n"
+        f"{settings['image_size']}x{settings['image_size']} log-mel images (ImageNet Lite0) / 40-band mel frames "
+        f"(speaker encoder), {epochs}",
         fontsize=10,
     )
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.62 / fig_height, 1, 1))  # room for the two-row legend below
     tmp = path.with_name(path.stem + ".tmp" + path.suffix)
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
