@@ -19,12 +19,19 @@ four ways of ``recipes/vision_fashion_mnist.py`` (whose variant definitions this
 - ``full``: every parameter trains;
 - ``scratch``: the same architecture randomly initialised, everything trained.
 
+A second pretrained source, trained on real speech: the speaker encoder shipped in the PyPI package `resemblyzer`
+(three LSTM layers and a projection, trained to tell speakers apart), fed 40-band mel frames as resemblyzer prepares
+them. Its layers are found by `discover_layer_groups` (``blocks.0``-``blocks.2``, ``other``, ``head``), and it
+trains in four ways: ``speaker_probe`` (only the new classifier), ``speaker_top`` (``blocks.2``, projection,
+classifier), ``speaker_full`` and ``speaker_scratch``. These run when `resemblyzer` is installed
+(``pip install --no-deps resemblyzer==0.1.4``: only its weights file is read).
+
 The WAV files are cached in ``<output-dir>/wavs/`` (a re-run synthesises nothing it already has), and
 ``results.json`` / ``results.csv`` / ``results.png`` (accuracy on the training voices and on the held-out voices,
 with chance) are rewritten after every variant; a re-run with the same settings skips the finished variants
 (``--overwrite`` starts again).
 
-    python recipes/speech_commands.py                  # default run: 720 train / 240 test clips, 64x64, 4 epochs
+    python recipes/speech_commands.py                  # default run: 720 train / 240 test clips, 64x64, 3 epochs
     python recipes/speech_commands.py --quick          # smoke run: 3 words, 5 voices, 32x32, 1 epoch
 
 Needs the program ``espeak-ng`` (``apt-get install espeak-ng`` or ``make system-deps``); ``TL_PLUGIN_ESPEAK_NG``

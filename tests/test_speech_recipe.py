@@ -257,3 +257,18 @@ def test_speaker_variants_without_resemblyzer_stop_with_the_install_command(reci
     monkeypatch.setattr(recipe, "resemblyzer_checkpoint_path", lambda: None)
     with pytest.raises(SystemExit, match="pip install --no-deps resemblyzer==0.1.4"):
         recipe.main([*QUICK_COMMAND, "--runs", "speaker_probe", "--output-dir", str(tmp_path)])
+
+
+@pytest.mark.slow
+def test_default_run_transfers_to_held_out_voices(recipe, tmp_path):
+    """docs/speech.md's full command (all variants, 720 / 240 clips, 64x64, 3 epochs): 5-15 min on 2 cores."""
+    _require_espeak()
+    results = recipe.main(["--threads", "2", "--output-dir", str(tmp_path / "speech")])
+    split = results["split"]
+    assert (split["train_clips"], split["test_clips"]) == (720, 240)
+    assert split["voice_overlap"] == []
+    assert split["variant_overlap"] == []
+    variants = results["variants"]
+    chance = results["chance"]
+    for name in ("probe", "full"):
+        assert variants[name]["test_accuracy"] > 5 * chance, (name, variants[name]["test_accuracy"])
