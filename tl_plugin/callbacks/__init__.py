@@ -3,6 +3,7 @@
 from .base import TLCallback, attach, bind_all, check_no_conflicts
 from .history import TrainingHistoryCallback
 from .lr import LayerwiseLRDecayCallback
+from .phases import PhasedCallback
 from .schedules import (
     FreezeSchedule,
     FreezeScheduleCallback,
@@ -20,6 +21,7 @@ __all__ = [
     "LayerwiseLRDecayCallback",
     "LinearProbeThenFineTuneCallback",
     "Phase",
+    "PhasedCallback",
     "Plateau",
     "TLCallback",
     "TrainingHistoryCallback",

@@ -6,14 +6,13 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..config import TransferConfig
-from ..discovery import LayerGroup, LayerGroups
-from ..transfer import groups_to_reinitialize, plan_trainable
-from .schedules import Phase, _PhasedCallback
+from ..schedule import TransferPlan
+from .phases import PhasedCallback
 
 __all__ = ["TransferCallback"]
 
 
-class TransferCallback(_PhasedCallback):
+class TransferCallback(PhasedCallback):
     """Apply a transfer strategy to the Trainer's model: re-initialise what it says, freeze the rest of what is not
     trained, and log the trainable-parameter report (through `Trainer.log` when bound, on the main process).
 
@@ -23,8 +22,9 @@ class TransferCallback(_PhasedCallback):
     applies the config in ``on_train_begin`` instead, and then never re-initialises a resumed model. The report is
     logged at ``on_train_begin``, once the loggers (TensorBoard, W&B, ...) are set up.
 
-    With ``config.lr_decay`` set, it also makes the Trainer build the layer-wise optimizer of `tl_plugin.optim`
-    (installed in ``on_init_end``, checked at ``on_train_begin``; see `LayerwiseLRDecayCallback`).
+    With ``config.lr_decay`` set, it also makes the Trainer train with the layer-wise optimizer of
+    `tl_plugin.optim` (see `LayerwiseLRDecayCallback` for how, bound or not). It is the phase engine
+    (`PhasedCallback`) running a one-phase `tl_plugin.schedule.TransferPlan`.
 
     Args:
         config (`TransferConfig` or `dict`): the strategy.
@@ -58,41 +58,12 @@ class TransferCallback(_PhasedCallback):
     ```
     """
 
+    builder: TransferPlan
+
     def __init__(self, config: TransferConfig | Mapping[str, Any]) -> None:
-        super().__init__()
-        if isinstance(config, Mapping):
-            config = TransferConfig.from_dict(dict(config))
-        if not isinstance(config, TransferConfig):
-            raise ValueError(f"`config` must be a TransferConfig or a mapping, got {type(config).__name__}.")
-        self.config = config
+        super().__init__(TransferPlan(config))
 
     @property
-    def lr_decay(self) -> float | None:
-        """The config's layer-wise LR decay (used by `TransferTrainer`)."""
-        return self.config.lr_decay
-
-    @property
-    def layer_group_overrides(self) -> dict[str, Any] | None:
-        if self.config.blocks is None and self.config.head is None:
-            return None
-        return {"blocks": self.config.blocks, "head": self.config.head}
-
-    def phases_for(self, groups: LayerGroups) -> list[Phase]:
-        trainable = plan_trainable(self.config, groups)
-        if not trainable:
-            raise ValueError(
-                f"Transfer config {self.config.to_dict()} trains nothing on this model (groups: {groups.summary()})."
-            )
-        return [Phase(train=trainable, name=f"transfer ({self.config.strategy})")]
-
-    def _reinit_groups(self, groups: LayerGroups) -> list[LayerGroup]:
-        return groups_to_reinitialize(self.config, groups)
-
-    def _reinit_seed(self) -> int | None:
-        return self.config.reinit_seed
-
-    def _train_label(self, i: int) -> str:
-        return "config.train_groups" if self.config.train_groups else "config"
-
-    def _constructor_args(self) -> dict[str, Any]:
-        return {"config": self.config.to_dict()}
+    def config(self) -> TransferConfig:
+        """The transfer config."""
+        return self.builder.config
