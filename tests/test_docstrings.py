@@ -20,6 +20,7 @@ MODULES = [
     "tl_plugin.callbacks.base",
     "tl_plugin.callbacks.transfer",
     "tl_plugin.callbacks.schedules",
+    "tl_plugin.schedule.format",
     "tl_plugin.callbacks.lr",
     "tl_plugin.app.report",
 ]
