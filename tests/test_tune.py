@@ -277,6 +277,8 @@ def test_asha_search_stops_trials_early_and_the_best_config_reproduces(ray_env, 
 def test_a_failing_trial_is_recorded_and_the_search_goes_on(ray_env, tiny_model_dir, tmp_path, monkeypatch):
     from ray import tune
 
+    from tl_plugin.tune.csv_callback import ResultsCSVCallback
+
     # Ray puts the driver's working directory first on the workers' sys.path: leave the repo, so that the workers
     # import the tl_plugin shipped to them (as on a cluster node, which has no checkout)
     monkeypatch.chdir(tmp_path)
@@ -309,7 +311,7 @@ def test_a_failing_trial_is_recorded_and_the_search_goes_on(ray_env, tiny_model_
             run_config=tune.RunConfig(
                 name="failing",
                 storage_path=str(tmp_path / "ray_results"),
-                callbacks=[tlt.ResultsCSVCallback(csv_path, settings.to_dict())],
+                callbacks=[ResultsCSVCallback(csv_path, settings.to_dict())],
                 verbose=0,
             ),
         ).fit()
@@ -322,7 +324,7 @@ def test_a_failing_trial_is_recorded_and_the_search_goes_on(ray_env, tiny_model_
             return tl_plugin.__file__
 
         worker_file = ray_env.get(where_is_tl_plugin.remote())
-    assert worker_file != tlt.__file__.replace("tune.py", "__init__.py")
+    assert worker_file != str(Path(tlt.__file__).parents[1] / "__init__.py")
     assert "runtime_resources" in worker_file
 
     rows = tlt.rows_from_results(grid, settings)

@@ -215,6 +215,8 @@ def run_search(args: argparse.Namespace, extra_callbacks: Sequence[Any] = ()) ->
     from ray import tune
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
+    from ..tune.csv_callback import ResultsCSVCallback
+
     started = time.perf_counter()
     output_dir = Path(args.output_dir).expanduser().resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -332,7 +334,7 @@ def run_search(args: argparse.Namespace, extra_callbacks: Sequence[Any] = ()) ->
                     checkpoint_config=tune.CheckpointConfig(
                         num_to_keep=4 if search.get("scheduler") == "pbt" else 2
                     ),
-                    callbacks=[tlt.ResultsCSVCallback(csv_path, settings.to_dict()), *extra_callbacks],
+                    callbacks=[ResultsCSVCallback(csv_path, settings.to_dict()), *extra_callbacks],
                     verbose=args.verbose,
                 ),
             )
