@@ -5,7 +5,9 @@ once (`layout`) and passed to each tool:
 
 - `FrozenPrefixNoGrad` (`no_grad`): the frozen prefix runs under `torch.no_grad()`, in eval mode;
 - `ActivationCache` (`cache`): the frozen prefix computed once per example and stored (`store`, `keys`, `rows`),
-  with its checks (`verify`) and `ActivationCacheCallback`; `prepare_cached_training` (`trainer`) for a Trainer;
+  batches without ids found by content (`memo`), with its checks (`verify`, `options`);
+- `ActivationCacheCallback` (`cache`): the cache in an existing Trainer script, one callback;
+  `prepare_cached_training` (`trainer`) registers the datasets up front;
 - `FirstTokenLastBlock` (`last_block`): the last block of a first-token classifier at the first position only.
 """
 

@@ -1,37 +1,26 @@
 """Frozen-prefix activation cache: compute the frozen bottom of a model once, train the rest on its outputs.
 
-When the embeddings and the bottom ``k`` blocks of a model stay frozen and the training data is fixed
-(tokenized once, no random augmentation), every epoch recomputes the same prefix outputs. `ActivationCache`
-computes them once per example, stores them (`tl_plugin.prefix.store`: a memory-mapped ``.npy`` file under a
-cache directory, or RAM), and during training the model's forward takes them from the store instead of running
-the prefix: the embeddings and blocks ``< k`` are skipped, block ``k`` and everything above run as usual (with
-their own dropout, gradients and optimizer).
-
-It is a façade over the other modules of `tl_plugin.prefix`: the layout is derived once (`layout`), the hooks
-that substitute stored hidden states are a `PrefixRunner` (`runner`, on `hooks`), the first-token last block is
-`last_block`, the datasets' ids and checksums are `rows`, the stored arrays `store` (keys from `keys`), and the
-checks before a boundary is used are `verify`. How the model is split (no per-model code): each prefix module
-(the embeddings modules and every block) gets a hook; during a cached forward they return the stored hidden
-state instead of computing, so the model's own forward still builds the attention mask, runs blocks ``>= k``,
-the pooler, the head and the loss. Before a boundary is used, one small batch checks that this split is exact for
-the model: the plain model and the cached path must give the same outputs, and the prefix output must not depend
-on a trainable parameter. Models for which that fails get an `UnsupportedPrefixError` naming the reason. Tested:
-BERT, RoBERTa, DistilBERT, ELECTRA, DeBERTa-v2, GPT-2 and Llama classifiers; ALBERT (one layer group shared by
-all layers) is refused.
+When the embeddings and the bottom ``k`` blocks of a model stay frozen and the training data is fixed, every epoch
+recomputes the same prefix outputs. `ActivationCache` computes them once per example and stores them
+(`tl_plugin.prefix.store`: memory-mapped ``.npy`` files under a cache directory, or RAM); in a cached forward the
+prefix modules' hooks (`runner`) return the stored hidden state instead of computing, so the model's own forward
+still builds the attention mask, runs blocks ``>= k``, the pooler, the head and the loss (no per-model code).
+The cache is a façade: the layout is derived once (`layout`), the datasets' ids and checksums are `rows`, the keys
+`keys`, batches without ids are found by content in `memo`, and the checks before a boundary is used are
+`verify`: on a few examples the plain model and the cached path must give the same outputs, and the prefix output
+must not depend on a trainable parameter (else an `UnsupportedPrefixError`). Tested: BERT, RoBERTa, DistilBERT,
+ELECTRA, DeBERTa-v2, GPT-2 and Llama classifiers; ALBERT (one layer group shared by all layers) is refused.
 
 Dropout in the frozen prefix is an explicit choice (``prefix_dropout``): ``"off"`` (the default) computes the
-prefix in eval mode, cached or not; ``"forbid"`` refuses a prefix with dropout p>0 or batch norm, so the
-cached run equals a plain Trainer run. Random dropout in frozen layers cannot be cached (``"on"`` is refused).
-
-The cache is keyed by the prefix weights, the boundary, the content of the model inputs of the dataset, the
-collator, the dtype and the model config; a changed key is a new file. Each example also carries a checksum of
-its ``input_ids``, checked at every lookup. Files are written to a temporary directory and renamed into place,
-under a file lock: trials of a Ray Tune search that share ``cache_dir`` and a boundary build the file once.
+prefix in eval mode, cached or not; ``"forbid"`` refuses a prefix with dropout p>0 or batch norm, so the cached
+run equals a plain Trainer run; ``"on"`` cannot be cached. A stored file is keyed by the prefix weights, the
+boundary, the dataset's model inputs, the collator, the dtype and the model config, and written under a file lock
+(Ray Tune trials that share ``cache_dir`` and a boundary build it once); each example's ``input_ids`` checksum is
+checked at every lookup.
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import time
@@ -49,14 +38,18 @@ from ..discovery import LayerGroups
 from .keys import cache_key, prefix_fingerprint
 from .last_block import LastBlock, resolve_last_block
 from .layout import PrefixLayout, UnsupportedPrefixError
+from .memo import ContentLookup, feature_digest
 from .no_grad import PrefixDropout
+from .options import check_cache_options
 from .rows import (
     CACHE_ID_COLUMN,
     ROW_BITS,
     CacheIdCollator,
     RowIndex,
+    collate_inputs,
     describe_collator,
     feature_batches,
+    model_input_keys,
     split_ids,
     with_cache_ids,
 )
@@ -64,22 +57,17 @@ from .runner import Capture, PrefixRunner
 from .store import (
     CACHE_FORMAT_VERSION,
     DEFAULT_MAX_BYTES,
-    DTYPE_CHOICES,
-    ON_TOO_LARGE_CHOICES,
-    STORAGE_CHOICES,
     ActivationCacheError,
     ActivationStore,
     Slot,
     default_cache_dir,
     human_bytes,
 )
-from .verify import check_prefix_dropout, check_split, stored_difference
+from .verify import check_split, stored_difference
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["ActivationCache", "ActivationCacheCallback"]
-
-_LABEL_NAMES = ("label", "labels", "label_ids")
 
 
 class ActivationCache:
@@ -176,20 +164,19 @@ class ActivationCache:
         lock_timeout: float = 3600.0,
         last_block: LastBlock = "auto",
         layout: PrefixLayout | None = None,
+        by_content: bool = False,
     ) -> None:
-        check_prefix_dropout(prefix_dropout, ("off", "forbid"))
-        for name, value, choices in (
-            ("storage", storage, STORAGE_CHOICES),
-            ("on_too_large", on_too_large, ON_TOO_LARGE_CHOICES),
-            ("dtype", dtype, DTYPE_CHOICES),
-        ):
-            if value not in choices:
-                raise ValueError(f"`{name}` must be one of {', '.join(map(repr, choices))}, got {value!r}.")
-        for name, number in (("max_bytes", max_bytes), ("batch_size", batch_size)):
-            if isinstance(number, bool) or not isinstance(number, int) or number < 1:
-                raise ValueError(f"`{name}` must be a positive integer, got {number!r}.")
-        if isinstance(lock_timeout, bool) or not isinstance(lock_timeout, (int, float)) or lock_timeout <= 0:
-            raise ValueError(f"`lock_timeout` must be a positive number of seconds, got {lock_timeout!r}.")
+        check_cache_options(
+            storage=storage,
+            max_bytes=max_bytes,
+            on_too_large=on_too_large,
+            prefix_dropout=prefix_dropout,
+            dtype=dtype,
+            batch_size=batch_size,
+            lock_timeout=lock_timeout,
+            last_block=last_block,
+            by_content=by_content,
+        )
         if data_collator is None:
             from transformers import default_data_collator
 
@@ -221,6 +208,7 @@ class ActivationCache:
             "cached_batches": 0,
             "uncached_batches": 0,
             "boundary_changes": 0,
+            "memo_rows": 0,
         }
         self.store = ActivationStore(
             storage=storage,
@@ -240,6 +228,12 @@ class ActivationCache:
                 self.last_block.remove()
             raise
         self._runner.provider = self._lookup
+        self.by_content = by_content
+        self._content = (
+            ContentLookup(getattr(model, "main_input_name", "input_ids"), dtype) if by_content else None
+        )
+        if by_content:
+            self._runner.on_boundary = self._record
         self._units = 0  # prefix units the stored activations cover (0: no cache)
         # Prefix weights the stored activations were computed with; re-checked once at the first cached forward
         # after each build, which catches weights changed behind the cache's back (a DDP broadcast of rank 0's
@@ -250,7 +244,7 @@ class ActivationCache:
         self._checked_units: set[int] = set()
         self._stop_early: dict[int, bool] = {}
         self._warned: set[str] = set()
-        self._input_keys = self._model_input_keys()
+        self._input_keys = model_input_keys(model)
         self._main_input = getattr(model, "main_input_name", "input_ids")
 
     # ------------------------------------------------------------------ public API
@@ -287,6 +281,15 @@ class ActivationCache:
         if len(dataset) >= 2**ROW_BITS:
             raise ValueError(f"`dataset` has {len(dataset)} examples; the cache supports fewer than 2**32.")
         slot = self.store.add(name, dataset, RowIndex.scan(dataset, self._input_keys, self._main_input))
+        if self._content is not None:
+            self._content.index_rows(
+                slot.index,
+                [
+                    feature_digest(feature, self._main_input, self._input_keys)
+                    for features in feature_batches(dataset, 1024)
+                    for feature in features
+                ],
+            )
         units = self._target_units()
         try:
             if units != self._units:
@@ -348,6 +351,9 @@ class ActivationCache:
 
     def _switch(self, units: int) -> None:
         self.store.clear()
+        if self._content is not None:
+            self._content.clear()
+            self.stats["memo_rows"] = 0
         self._units = units
         self._fingerprint = None
         if not units or not self._slots:
@@ -369,28 +375,9 @@ class ActivationCache:
                 type(self.model).__name__,
             )
 
-    def _model_input_keys(self) -> set[str]:
-        from transformers.utils import find_labels
-
-        params = inspect.signature(self.model.forward).parameters
-        keys = {n for n, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
-        labels = set(find_labels(type(self.model))) | set(_LABEL_NAMES)
-        return keys - labels - {CACHE_ID_COLUMN}
-
-    def _device(self) -> torch.device:
-        param = next(self.model.parameters(), None)
-        return param.device if param is not None else torch.device("cpu")
-
     def _collate_inputs(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         # Model inputs only: other columns (labels, raw text the Trainer would drop) never reach the prefix.
-        clean = [{k: v for k, v in f.items() if k in self._input_keys} for f in features]
-        batch = self._collator(clean)
-        device = self._device()
-        return {
-            k: (v.to(device) if isinstance(v, torch.Tensor) else v)
-            for k, v in dict(batch).items()
-            if k in self._input_keys
-        }
+        return collate_inputs(self._collator, features, self._input_keys, self.model)
 
     def _key(self, slot: Slot, units: int, fingerprint: str | None = None) -> str:
         return cache_key(
@@ -411,8 +398,7 @@ class ActivationCache:
 
     # ------------------------------------------------------------------ checks
     def _verify_batch(self, slot: Slot) -> dict[str, Any]:
-        features = next(feature_batches(slot.dataset, min(4, len(slot.dataset))))
-        return self._collate_inputs(features)
+        return self._collate_inputs(next(feature_batches(slot.dataset, min(4, len(slot.dataset)))))
 
     def _check_split(self, units: int) -> None:
         """Check on a few examples that the model can be split after prefix unit ``units - 1``."""
@@ -528,8 +514,11 @@ class ActivationCache:
 
     # ------------------------------------------------------------------ lookup (from the model's forward)
     def _lookup(self, ids: Any, bound: Any, frozen_units: int) -> tuple[torch.Tensor, int] | None:
-        if ids is None:
-            return None
+        if self._content is None:
+            if ids is None:
+                return None
+        else:
+            self._content.forget_pending()
         if not self._units or frozen_units < self._units:
             if self._units and "moved" not in self._warned:
                 self._warned.add("moved")
@@ -546,6 +535,8 @@ class ActivationCache:
         if not isinstance(main, torch.Tensor) or main.dim() != 2:
             self.stats["uncached_batches"] += 1
             return None
+        if ids is None:
+            return self._lookup_content(arguments, main)
         slot_index, rows = split_ids(ids)
         if len(set(slot_index.tolist())) != 1 or not 0 <= int(slot_index[0]) < len(self._slots):
             self.stats["uncached_batches"] += 1
@@ -562,6 +553,37 @@ class ActivationCache:
         )
         self.stats["cached_batches"] += 1
         return self.store.rows_tensor(slot, rows, like), self._units
+
+    def _lookup_content(
+        self, arguments: dict[str, Any], main: torch.Tensor
+    ) -> tuple[torch.Tensor, int] | None:
+        """A batch without ids: its rows by content (`memo`), else `None` and its prefix output kept."""
+        assert self._content is not None
+        if self._prefix_changed():
+            self.stats["uncached_batches"] += 1
+            return None
+        inputs = {k: v for k, v in arguments.items() if k in self._input_keys}
+        like = torch.empty((main.shape[0], main.shape[1]), dtype=self._hidden_dtype(), device=main.device)
+        found = self._content.find(inputs, self.store, like, self._first_position_only(self._units))
+        if found is None:
+            self.stats["uncached_batches"] += 1
+            return None
+        self.stats["cached_batches"] += 1
+        return found, self._units
+
+    def _record(self, boundary: torch.Tensor) -> None:
+        """Keep the prefix output of a batch not found by content (the next pass over it reads it)."""
+        assert self._content is not None
+        if not self._units or self.layout.frozen_units() != self._units or self._stale:
+            return
+        kept = self._content.record(boundary, self.max_bytes - self.store.nbytes)
+        self.stats["memo_rows"] = len(self._content.memo)
+        if not kept and "memo" not in self._warned:
+            self._warned.add("memo")
+            logger.warning(
+                "Activation cache: max_bytes=%d reached; examples not prepared beforehand now run the whole model.",
+                self.max_bytes,
+            )
 
     def _prefix_changed(self) -> bool:
         """Whether the prefix weights differ from those the activations were computed with (checked once)."""
@@ -585,8 +607,7 @@ class ActivationCache:
         return param.dtype if param is not None and param.is_floating_point() else torch.float32
 
     def _check_rows(self, slot: Slot, rows: np.ndarray, input_ids: torch.Tensor, mask: Any) -> None:
-        got = slot.rows.batch_checksums(rows, input_ids, mask)
-        bad = np.nonzero(got != slot.rows.checksums[rows])[0]
+        bad = np.nonzero(slot.rows.batch_checksums(rows, input_ids, mask) != slot.rows.checksums[rows])[0]
         if len(bad):
             raise ActivationCacheError(
                 f"Examples {rows[bad][:5].tolist()} of {slot.name!r} are not the ones the activation cache "
@@ -597,19 +618,49 @@ class ActivationCache:
 
 # -------------------------------------------------------------------------------------------- Trainer glue
 class ActivationCacheCallback(TLCallback):
-    """Keeps an `ActivationCache` in step with the freeze boundary during `Trainer.train`.
+    """The activation cache in a `transformers.Trainer`: one callback, added to an existing script.
 
-    At the start of training it checks the prefix weights (a resumed checkpoint may have changed them), and at
-    the start of every epoch and step it rebuilds the cache if a freeze schedule moved the boundary. Add it
-    *after* the callbacks that freeze or unfreeze layers. Without it, a moved boundary makes batches run
-    uncached.
+    ``ActivationCacheCallback()`` (no cache given) builds an `ActivationCache` at the start of training, from the
+    Trainer's model, training data and collator, with ``by_content=True``: the Trainer's batches need no cache ids,
+    their rows are found by content, and the batches of any other dataset the Trainer evaluates or predicts on
+    (``trainer.evaluate(eval_dataset=other)``) keep their prefix outputs, so that the next evaluation of the same
+    examples reads them. The cache stays on the model after training (the script's last ``trainer.evaluate``
+    goes through it); :attr:`cache` ``.detach()`` removes it.
+
+    ``ActivationCacheCallback(cache)`` keeps a cache you built (`prepare_cached_training` does) in step.
+
+    Either way, at the start of training it checks the prefix weights (a resumed checkpoint may have changed
+    them), and at the start of every epoch and step it rebuilds the cache if a freeze schedule moved the boundary.
+    Without it, a moved boundary makes batches run uncached. Freeze the model before training starts (e.g. with
+    `tl_plugin.callbacks.TransferCallback`, which freezes when the Trainer is built); nothing is cached while the
+    embeddings or block 0 train.
+
+    Args:
+        cache (`ActivationCache`, *optional*): a cache to keep in step; when not given, one is built at train start.
+        **cache_options: options of the cache built at train start (`ActivationCache`'s keywords, e.g.
+            ``cache_dir``, ``storage``, ``max_bytes``, ``dtype``); ``data_collator`` defaults to the Trainer's.
+
+    Raises:
+        `ValueError`: an unknown or invalid option (at construction), both `cache` and options, or (at train start)
+            training data that is not a map-style dataset.
     """
 
-    def __init__(self, cache: ActivationCache) -> None:
+    def __init__(self, cache: ActivationCache | None = None, **cache_options: Any) -> None:
         super().__init__()
+        if cache is not None and cache_options:
+            raise ValueError(
+                f"Pass either `cache` or options for a new one ({sorted(cache_options)}), not both: the options of "
+                "an existing cache were set when it was built."
+            )
+        if cache is not None and not isinstance(cache, ActivationCache):
+            raise ValueError(f"`cache` must be an ActivationCache or None, got {type(cache).__name__}.")
+        check_cache_options(**cache_options)
         self.cache = cache
+        self.cache_options = {"by_content": True, **cache_options}
 
     def _refresh(self, state: TrainerState, check_weights: bool = False) -> None:
+        if self.cache is None:
+            return
         before = self.cache.frozen_blocks
         started = time.perf_counter()
         if self.cache.refresh(check_weights=check_weights):
@@ -621,9 +672,26 @@ class ActivationCacheCallback(TLCallback):
                 {"activation_cache/frozen_blocks": float(-1 if after is None else after)},
             )
 
+    def _new_cache(self, model: nn.Module, loader: Any) -> ActivationCache:
+        dataset = getattr(loader, "dataset", None)
+        if dataset is None or not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
+            raise ValueError(
+                "ActivationCacheCallback() caches the training data, which must be a map-style dataset (tokenized "
+                f"examples in a fixed order); the Trainer's is {type(dataset).__name__}. Remove the callback, or "
+                "pass a `datasets.Dataset`."
+            )
+        options = dict(self.cache_options)
+        options.setdefault("data_collator", getattr(loader, "collate_fn", None))
+        cache = ActivationCache(model, **options)
+        cache.prepare(dataset, name="train")
+        return cache
+
     def on_train_begin(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
+        if self.cache is None:
+            self.cache = self._new_cache(kwargs["model"], kwargs.get("train_dataloader"))
+            return  # just built with the current weights and boundary
         self._refresh(state, check_weights=True)
 
     def on_epoch_begin(

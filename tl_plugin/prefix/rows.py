@@ -9,12 +9,14 @@ input (``input_ids``), so that a row edited after registration is caught instead
 from __future__ import annotations
 
 import hashlib
+import inspect
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 __all__ = [
     "CACHE_ID_COLUMN",
@@ -23,13 +25,40 @@ __all__ = [
     "describe_collator",
     "feature_batches",
     "is_hf_dataset",
+    "model_input_keys",
+    "collate_inputs",
     "with_cache_ids",
 ]
 
 #: The dataset column (and model keyword) that carries each example's cache id.
 CACHE_ID_COLUMN = "tl_cache_id"
+_LABEL_NAMES = ("label", "labels", "label_ids")
 #: Bits of a cache id that hold the row (the rest holds the dataset's index).
 ROW_BITS = 32
+
+
+def model_input_keys(model: nn.Module) -> set[str]:
+    """The keywords of `model`'s forward that are inputs: not labels, not the cache ids."""
+    from transformers.utils import find_labels
+
+    params = inspect.signature(model.forward).parameters
+    keys = {n for n, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+    return keys - set(find_labels(type(model))) - set(_LABEL_NAMES) - {CACHE_ID_COLUMN}
+
+
+def collate_inputs(
+    collator: Callable[[list[dict[str, Any]]], Any],
+    features: list[dict[str, Any]],
+    keys: set[str],
+    model: nn.Module,
+) -> dict[str, Any]:
+    """`features` collated, model inputs only (on the model's device)."""
+    batch = collator([{k: v for k, v in f.items() if k in keys} for f in features])
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    return {
+        k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in dict(batch).items() if k in keys
+    }
 
 
 def checksum_weights(length: int) -> np.ndarray:
