@@ -26,7 +26,7 @@ def test_random_tokens_are_seeded_and_their_labels_follow_the_rule():
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"labels": "sorted"}, "`labels` must be one of random, first_token; got 'sorted'"),
+    [({"labels": "sorted"}, "`labels` must be one of 'random', 'first_token'; got 'sorted'"),
      ({"n": 0}, "`n` must be an integer >= 1, got 0"),
      ({"length": 2.5}, "`length` must be an integer >= 1, got 2.5")],
 )  # fmt: skip

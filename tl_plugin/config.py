@@ -10,6 +10,8 @@ from typing import Any, Literal
 
 import yaml
 
+from .checks import check_int, check_str_list
+
 #: Version of the saved config format. Bump it when a field changes meaning, and migrate in `_migrate`.
 CONFIG_VERSION = 1
 
@@ -72,16 +74,6 @@ def read_config_file(path: Path, kind: str, json_suffix: bool = True) -> Any:
         raise ConfigFileError(path, kind, f"invalid YAML: {problem}", line, column) from err
     except yaml.YAMLError as err:
         raise ConfigFileError(path, kind, f"invalid YAML: {err}") from err
-
-
-def _check_non_negative_int(name: str, value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ValueError(f"`{name}` must be an integer >= 0, got {value!r}.")
-
-
-def _check_str_list(name: str, value: Any) -> None:
-    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-        raise ValueError(f"`{name}` must be a list of non-empty strings, got {value!r}.")
 
 
 @dataclass
@@ -173,11 +165,11 @@ class TransferConfig:
                 f"`version` must be an integer from 1 to {CONFIG_VERSION} (this tl_plugin reads versions up to "
                 f"{CONFIG_VERSION}), got {self.version!r}. Upgrade tl_plugin to read newer configs."
             )
-        _check_non_negative_int("reinit_top_k", self.reinit_top_k)
+        check_int("reinit_top_k", self.reinit_top_k, minimum=0)
         if self.transfer_bottom_n is not None:
-            _check_non_negative_int("transfer_bottom_n", self.transfer_bottom_n)
+            check_int("transfer_bottom_n", self.transfer_bottom_n, minimum=0)
         if self.reinit_seed is not None:
-            _check_non_negative_int("reinit_seed", self.reinit_seed)
+            check_int("reinit_seed", self.reinit_seed, minimum=0)
         if self.freeze_bottom_blocks != "half" and (
             not isinstance(self.freeze_bottom_blocks, int)
             or isinstance(self.freeze_bottom_blocks, bool)
@@ -186,11 +178,11 @@ class TransferConfig:
             raise ValueError(
                 f"`freeze_bottom_blocks` must be an integer >= 0 or 'half', got {self.freeze_bottom_blocks!r}."
             )
-        _check_str_list("train_groups", self.train_groups)
+        check_str_list("train_groups", self.train_groups)
         if self.head is not None:
-            _check_str_list("head", self.head)
+            check_str_list("head", self.head)
         if self.blocks is not None and not isinstance(self.blocks, str):
-            _check_str_list("blocks", self.blocks)
+            check_str_list("blocks", self.blocks)
         for name in ("freeze_transferred", "freeze_embeddings", "train_head"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"`{name}` must be true or false, got {getattr(self, name)!r}.")

@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from .checks import check_choice, check_int
+
 __all__ = ["RandomTokens", "bundled_model_path", "run_doctests", "save_tiny_bert", "tiny_bert", "tiny_bert_config"]
 
 #: The label rules of `RandomTokens`.
@@ -74,11 +76,9 @@ class RandomTokens(torch.utils.data.Dataset):
     """
 
     def __init__(self, n: int = 32, length: int = 8, seed: int = 0, labels: str = "random") -> None:
-        if labels not in LABEL_RULES:
-            raise ValueError(f"`labels` must be one of {', '.join(LABEL_RULES)}; got {labels!r}.")
-        for name, value in (("n", n), ("length", length)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}.")
+        check_choice("labels", labels, LABEL_RULES)
+        check_int("n", n, minimum=1)
+        check_int("length", length, minimum=1)
         generator = torch.Generator().manual_seed(seed)
         self.ids = torch.randint(5, 99, (n, length), generator=generator)
         if labels == "random":

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..checks import check_int
 from ..testing import save_tiny_bert
 from .space import _check_num_blocks, count_blocks
 
@@ -62,9 +63,7 @@ class SearchSettings:
         if not self.metric.startswith("eval_"):
             raise ValueError(f"`metric` must be an eval metric such as 'eval_accuracy', got {self.metric!r}.")
         for name in ("train_size", "max_length", "max_epochs", "train_batch_size", "eval_batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}.")
+            check_int(name, getattr(self, name), minimum=1)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
