@@ -87,9 +87,9 @@ def test_label_containers_and_ignore_index():
         ([-100, -100], {}, r"`labels` is empty"),
         ([0, 2], {}, r"Class 1 has no example in `labels` \(class counts: \[1, 0, 1\]\)"),
         ([0, 1], {"num_classes": 4}, r"Classes 2, 3 have no example"),
-        ([0, 1], {"scheme": "sqrt"}, r"`scheme` must be one of 'inverse', 'effective_number', got 'sqrt'"),
-        ([0, 1], {"beta": 1.0}, r"`beta` must be a number in \[0, 1\), got 1.0"),
-        ([0, 1], {"num_classes": 0}, r"`num_classes` must be a positive integer, got 0"),
+        ([0, 1], {"scheme": "sqrt"}, r"`scheme` must be one of 'inverse', 'effective_number'; got 'sqrt'"),
+        ([0, 1], {"beta": 1.0}, r"`beta` must be a finite number in \[0, 1\), got 1.0"),
+        ([0, 1], {"num_classes": 0}, r"`num_classes` must be an integer >= 1, got 0"),
     ],
 )
 def test_class_weight_errors_name_the_problem(labels, kwargs, message):
@@ -159,7 +159,7 @@ def test_token_classification_shapes_device_and_dtype():
         ([1.0, float("inf")], {}, r"finite and >= 0"),
         ([0.0, 0.0], {}, r"all zero"),
         ("ab", {}, r"1-D sequence of numbers"),
-        ([1.0, 1.0], {"label_smoothing": 1.0}, r"`label_smoothing` must be a number in \[0, 1\), got 1.0"),
+        ([1.0, 1.0], {"label_smoothing": 1.0}, r"`label_smoothing` must be a finite number in \[0, 1\), got 1.0"),
         ([1.0, 1.0], {"ignore_index": None}, r"`ignore_index` must be an integer, got None"),
     ],
 )

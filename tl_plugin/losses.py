@@ -31,6 +31,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .checks import check_choice, check_int, check_number
+
 __all__ = ["WEIGHT_SCHEMES", "WeightScheme", "WeightedCrossEntropyLoss", "class_weights_from_labels"]
 
 WeightScheme = Literal["inverse", "effective_number"]
@@ -126,14 +128,10 @@ def class_weights_from_labels(
 
     ```
     """
-    if scheme not in WEIGHT_SCHEMES:
-        raise ValueError(f"`scheme` must be one of {', '.join(map(repr, WEIGHT_SCHEMES))}, got {scheme!r}.")
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0.0 <= beta < 1.0:
-        raise ValueError(f"`beta` must be a number in [0, 1), got {beta!r}.")
-    if num_classes is not None and (
-        isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1
-    ):
-        raise ValueError(f"`num_classes` must be a positive integer, got {num_classes!r}.")
+    check_choice("scheme", scheme, WEIGHT_SCHEMES)
+    check_number("beta", beta, low=0.0, high=1.0, include_high=False)
+    if num_classes is not None:
+        check_int("num_classes", num_classes, minimum=1)
     flat = _labels_tensor(labels)
     if ignore_index is not None:
         flat = flat[flat != ignore_index]
@@ -227,14 +225,8 @@ class WeightedCrossEntropyLoss:
             raise ValueError(f"`weights` must be finite and >= 0, got {tensor.tolist()}.")
         if not bool((tensor > 0).any()):
             raise ValueError("`weights` are all zero: the loss would be 0/0.")
-        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-            raise ValueError(f"`ignore_index` must be an integer, got {ignore_index!r}.")
-        if (
-            isinstance(label_smoothing, bool)
-            or not isinstance(label_smoothing, (int, float))
-            or not 0.0 <= label_smoothing < 1.0
-        ):
-            raise ValueError(f"`label_smoothing` must be a number in [0, 1), got {label_smoothing!r}.")
+        check_int("ignore_index", ignore_index)
+        check_number("label_smoothing", label_smoothing, low=0.0, high=1.0, include_high=False)
         self.weights = tensor
         self.options = _LossOptions(ignore_index=ignore_index, label_smoothing=float(label_smoothing))
         self._on_device: dict[torch.device, torch.Tensor] = {}
