@@ -349,5 +349,5 @@ class FreezeSchedule:
         """Write the schedule as YAML; returns the path."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None))
         return path
