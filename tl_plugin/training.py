@@ -103,6 +103,7 @@ def build_classification_run(
     """
     from transformers import Trainer
 
+    from .callbacks.base import bind_all
     from .metrics import build_compute_metrics
     from .optim import create_optimizer
 
@@ -141,4 +142,6 @@ def build_classification_run(
         callbacks=all_callbacks,
         **data,
     )
+    # give the tl_plugin callbacks their trainer: their numbers then reach `report_to` (TensorBoard, ...)
+    bind_all(trainer)
     return ClassificationRun(trainer, cache)
