@@ -151,3 +151,29 @@ def test_without_a_run_length_every_group_gets_its_phase_and_overrides_are_kept(
     ]
     assert [p.until_step for p in schedule.phases] == [3, 6, None]
     assert schedule.blocks == "bert.encoder.layer"
+
+
+def test_the_shared_run_builder_binds_its_callbacks_so_report_to_gets_their_numbers(tmp_path):
+    """`tl_plugin.training.build_classification_run` (the CLI's and the trials' Trainer) attaches the callbacks it is
+    given: with a reporting integration, a freeze schedule trains instead of stopping, and logs through the Trainer."""
+    from transformers.integrations import get_available_reporting_integrations
+
+    from tl_plugin import discover_layer_groups
+    from tl_plugin.training import build_classification_run
+
+    if "tensorboard" not in get_available_reporting_integrations():
+        pytest.skip("no TensorBoard writer installed (tensorboard or tensorboardX)")
+    model = build_tiny_bert()
+    callback = GradualUnfreezingCallback(every_n_steps=1)
+    run = build_classification_run(
+        model,
+        None,
+        RandomTokens(),
+        None,
+        training_args(tmp_path, max_steps=2, report_to=["tensorboard"]),
+        groups=discover_layer_groups(model),
+        callbacks=[callback],
+    )
+    assert callback.trainer is run.trainer
+    run.trainer.train()
+    assert [e["tl/phase"] for e in run.trainer.state.log_history if "tl/phase" in e] == [0, 1]
