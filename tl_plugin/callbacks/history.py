@@ -80,6 +80,9 @@ class TrainingHistoryCallback(TLCallback):
     ```
     """
 
+    #: It writes a file and logs nothing: an unattached one may run with any `report_to`.
+    reports_metrics = False
+
     def __init__(self, every_n_steps: int = 1, groups: LayerGroups | None = None) -> None:
         super().__init__()
         if not isinstance(every_n_steps, int) or isinstance(every_n_steps, bool) or every_n_steps < 1:
