@@ -35,7 +35,7 @@ from transformers import (  # noqa: E402
 )
 
 from tl_plugin.callbacks import FreezeScheduleCallback, LayerwiseLRDecayCallback, TLCallback  # noqa: E402
-from tl_plugin.optim import TransferTrainer  # noqa: E402
+from tl_plugin.trainer import TransferTrainer  # noqa: E402
 
 
 class RandomTokens(torch.utils.data.Dataset):

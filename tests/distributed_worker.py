@@ -104,7 +104,7 @@ def _scenarios(TransferConfig: Any) -> dict[str, Any]:  # noqa: N803 - a class p
         LayerwiseLRDecayCallback,
         TransferCallback,
     )
-    from tl_plugin.optim import TransferTrainer
+    from tl_plugin.trainer import TransferTrainer
 
     unused = {"ddp_find_unused_parameters": True}
     # torchrun on CPUs without use_cpu: Accelerate finds no multi-process backend, parallel_mode is NOT_PARALLEL

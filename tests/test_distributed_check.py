@@ -237,7 +237,7 @@ def test_a_plain_subclass_checks_once_and_still_runs_its_handler(monkeypatch: py
 
 
 def test_transfer_trainer_refuses_in_its_constructor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    from tl_plugin.optim import TransferTrainer
+    from tl_plugin.trainer import TransferTrainer
 
     args = cpu_args(tmp_path)
     TransferTrainer(model=tiny_bert(), args=args, train_dataset=RandomTokens())  # one process: fine

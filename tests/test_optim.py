@@ -311,3 +311,12 @@ def test_peft_lora_adapters_get_their_own_groups_at_the_base_lr(tmp_path):
             assert torch.equal(param, before[name]), name
             assert param not in trainer.optimizer.state, name
     assert any("lora_A" in n for n in trainable)
+
+
+def test_optim_has_no_upward_re_export():
+    # TransferTrainer lives in tl_plugin.trainer (above the callbacks); tl_plugin.optim sits below and names nothing
+    # from there, not even lazily.
+    import tl_plugin.optim as optim
+
+    assert not hasattr(optim, "TransferTrainer")
+    assert not hasattr(optim, "__getattr__")

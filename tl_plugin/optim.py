@@ -21,8 +21,7 @@ Three ways to use it with a `Trainer`:
 - `create_optimizer` for ``Trainer(optimizers=(optimizer, None))`` (not with ``model_init``, nor FSDP);
 - `tl_plugin.trainer.TransferTrainer`, a `Trainer` subclass that builds the layer-wise optimizer from the model it
   is given, wrapped or not (FSDP with ``use_orig_params=True`` creates the optimizer after wrapping), and binds the
-  tl_plugin callbacks. (``from tl_plugin.optim import TransferTrainer`` still works: a lazy re-export kept for
-  compatibility; this module imports nothing above it.)
+  tl_plugin callbacks (this module imports nothing above it).
 """
 
 from __future__ import annotations
@@ -415,13 +414,3 @@ def optimizer_cls_and_kwargs(
     )
     return optimizer_cls, kwargs
 
-
-def __getattr__(name: str) -> Any:
-    # Compatibility: `TransferTrainer` lived here; it is now in `tl_plugin.trainer` (above the callbacks, which this
-    # module must not import). `from tl_plugin.optim import TransferTrainer` keeps working through this lazy
-    # re-export; new code imports it from `tl_plugin.trainer` (or `tl_plugin`).
-    if name == "TransferTrainer":
-        import importlib
-
-        return importlib.import_module("tl_plugin.trainer").TransferTrainer
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -350,7 +350,7 @@ class PhasedCallback(TLCallback, ExportableState):
             f"{type(self).__name__} trains {len(missing)} parameter(s) that the optimizer does not hold (groups "
             f"{groups}, e.g. {missing[:3]}): they were frozen when the optimizer was built, so they would silently "
             f"never be updated. Pass the callback as `Trainer(callbacks=[...])` (it then marks them trainable before "
-            f"the optimizer is built), or use `tl_plugin.optim.TransferTrainer` / `Trainer(optimizer_cls_and_kwargs="
+            f"the optimizer is built), or use `tl_plugin.trainer.TransferTrainer` / `Trainer(optimizer_cls_and_kwargs="
             f"tl_plugin.optim.optimizer_cls_and_kwargs(model, args))`, whose optimizer holds every parameter; an "
             f"optimizer you build yourself must hold every parameter (`tl_plugin.optim.create_optimizer`)."
         )
