@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import os
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -145,14 +145,58 @@ def _load_folders(folders: dict[str, tuple[str, str]]) -> DatasetDict:
         raise DataError(f"the folders mix images and audio: {', '.join(p for _, p in folders.values())}")
     builder = kinds.pop()
     if builder == "audiofolder":  # datasets' audiofolder needs torchcodec (and FFmpeg) even to list the files
-        from .tasks.audio import load_audio_folders
-
         return load_audio_folders(folders)
     try:
         loaded = load_dataset(builder, data_files=data_files)
     except Exception as err:  # noqa: BLE001
         raise DataError(f"cannot read the {builder} data in {', '.join(p for _, p in folders.values())}: {err}") from err
     return DatasetDict(dict(loaded))
+
+
+def load_audio_folders(folders: Mapping[str, tuple[str, str]]) -> Any:
+    """Audio folders (one sub-folder per class) as splits with an ``audio`` column (`datasets.Audio`, not
+    decoded: ``{"bytes": None, "path": ...}``) and a `datasets.ClassLabel` ``label`` column.
+
+    Args:
+        folders (`Mapping[str, tuple[str, str]]`): ``{split: (flag, folder)}``, e.g.
+            ``{"train": ("train_dir", "data/train")}``.
+
+    Returns:
+        `datasets.DatasetDict`: one split per folder; the class names are the sorted sub-folder names of all the
+        folders (a file's class is the name of the folder it is in).
+
+    Raises:
+        DataError: a missing folder, a folder without audio files, or an audio file outside a class sub-folder.
+    """
+    from datasets import Audio, ClassLabel, Dataset, DatasetDict, Features
+
+    files: dict[str, list[tuple[str, str]]] = {}
+    for split, (flag, path) in folders.items():
+        folder = Path(path)
+        if not folder.is_dir():
+            raise DataError(f"--{flag}: no such folder {path!r}")
+        found = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in _AUDIO_SUFFIXES)
+        if not found:
+            raise DataError(f"--{flag}: {path!r} holds no audio files ({', '.join(sorted(_AUDIO_SUFFIXES))})")
+        loose = [p for p in found if p.parent == folder]
+        if loose:
+            raise DataError(
+                f"--{flag}: {loose[0]} is not in a class sub-folder ({len(loose)} such files); put each file in a "
+                f"sub-folder named after its class: {path}/<class>/<file>"
+            )
+        files[split] = [(str(p.resolve()), p.parent.name) for p in found]
+    names = sorted({label for rows in files.values() for _, label in rows})
+    features = Features({"audio": Audio(decode=False), "label": ClassLabel(names=names)})
+    splits = {}
+    for split, rows in files.items():
+        raw = Dataset.from_dict(
+            {
+                "audio": [{"bytes": None, "path": p} for p, _ in rows],
+                "label": [names.index(n) for _, n in rows],
+            }
+        )
+        splits[split] = raw.cast(features)  # an Arrow cast: no audio encoder (torchcodec) needed
+    return DatasetDict(splits)
 
 
 def _normalize_splits(data: DatasetDict | Dataset, source: str) -> DatasetDict:
