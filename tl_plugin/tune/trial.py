@@ -403,6 +403,45 @@ def _append_run(folder: TrialFolder, record: Mapping[str, Any]) -> None:
     folder.append_line(RUNS_FILE, {**record, "pid": os.getpid()})
 
 
+def _checkpoint_info(checkpoint: Any) -> dict[str, Any]:
+    """The `CHECKPOINT_INFO_FILE` of a Tune checkpoint, read where it is stored (empty if it has none)."""
+    try:
+        with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{CHECKPOINT_INFO_FILE}") as stream:
+            data = json.loads(stream.read().decode())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _latest_checkpoint(given: Any, folder: TrialFolder, trial_id: str) -> Any:
+    """The checkpoint a (re)started trial resumes from: the one Tune gives (`given`), unless the trial's own folder
+    in the storage holds a later checkpoint of this trial.
+
+    A driver killed after a trial reported an epoch's checkpoint, but before it saved its experiment state, restores
+    the trial with an older checkpoint or none; the checkpoint itself was already in the storage (Tune uploads it
+    before the report reaches the driver). A checkpoint of another trial (a PBT exploit) is kept as given.
+    """
+    import pyarrow.fs
+
+    ray = require_ray()
+    given_info = _checkpoint_info(given) if given is not None else {}
+    if given is not None and given_info.get("trial_id") not in (None, trial_id):
+        return given  # PBT: the exploited trial's weights
+    best, best_step = given, int(given_info.get("global_step") or -1)
+    selector = pyarrow.fs.FileSelector(folder.path, allow_not_found=True)
+    for entry in folder.filesystem.get_file_info(selector):
+        if entry.type != pyarrow.fs.FileType.Directory or not entry.base_name.startswith("checkpoint_"):
+            continue
+        candidate = ray.tune.Checkpoint(entry.path, filesystem=folder.filesystem)
+        info = _checkpoint_info(candidate)
+        if info.get("trial_id") != trial_id or int(info.get("global_step") or -1) <= best_step:
+            continue
+        complete = folder.filesystem.get_file_info(f"{entry.path}/trainer_state.json")
+        if complete.type == pyarrow.fs.FileType.File:  # not a half-uploaded one (the Trainer's last file)
+            best, best_step = candidate, int(info["global_step"])
+    return best
+
+
 def train_transfer_trial(config: dict[str, Any], settings: Mapping[str, Any]) -> None:
     """The Ray Tune function trainable: train one sampled transfer config, report eval metrics and a checkpoint
     every epoch.
@@ -433,7 +472,7 @@ def train_transfer_trial(config: dict[str, Any], settings: Mapping[str, Any]) ->
     if folder.exists(FINISHED_FILE):
         _append_run(folder, {"start": "skipped", "why": FINISHED_FILE})
         return
-    checkpoint = ray.tune.get_checkpoint()
+    checkpoint = _latest_checkpoint(ray.tune.get_checkpoint(), folder, trial_id)
     local = None
     try:
         resume = None
