@@ -75,3 +75,63 @@ def test_schedule_plot_recipe_draws_the_unfreezing_staircase(tmp_path):
     assert trained_groups == sorted(trained_groups)  # unfrozen top-down, never refrozen
     assert trained_groups[-1] == len(history.groups)
     assert written["trainable_map"].stat().st_size > 5_000
+
+
+def _staircase_history() -> TrainingHistory:
+    """Gradual unfreezing by hand: the head learns from step 0, one more group every 3 steps; head and other share
+    their lr (no decay between them), the blocks below get 0.5 ** depth of it."""
+    groups = ["embeddings", "blocks.0", "blocks.1", "other", "head"]
+    history = TrainingHistory(groups=groups)
+    for step in range(13):
+        learning = list(reversed(groups))[: 1 + step // 3]
+        history.steps.append(step)
+        history.trainable_fraction.append({g: 1.0 if g in learning else 0.0 for g in groups})
+        base = 1e-3 * (1 - step / 13)
+        history.lrs.append({g: base * 0.5 ** max(0, 3 - i) for i, g in enumerate(groups)})
+    return history
+
+
+def test_lr_plot_draws_no_line_while_a_group_is_frozen(tmp_path, monkeypatch):
+    import tl_plugin.plotting as plotting
+
+    drawn = {}
+    real_save = plotting._save
+
+    def keep_figure(fig, plt, path):
+        drawn["axes"] = fig.axes[0]
+        drawn["lines"] = [(line.get_gid(), list(line.get_xdata()), line) for line in fig.axes[0].get_lines()]
+        return real_save(fig, plt, path)
+
+    monkeypatch.setattr(plotting, "_save", keep_figure)
+    history = _staircase_history()
+    plot_lr_per_group(history, tmp_path / "lr.png")
+    learning_steps = {
+        g: [s for s, row in zip(history.steps, history.trainable_fraction, strict=True) if row[g] > 0]
+        for g in history.groups
+    }
+    for group in history.groups:
+        xs = sorted(x for gid, data, _ in drawn["lines"] if gid == group for x in data)
+        assert xs == learning_steps[group], group  # every learning step drawn, no frozen step drawn
+        assert min(xs) == {"head": 0, "other": 3, "blocks.1": 6, "blocks.0": 9, "embeddings": 12}[group]
+    # head and other overlap from step 3 on: they differ in line style and marker
+    head = next(line for gid, _, line in drawn["lines"] if gid == "head")
+    other = next(line for gid, _, line in drawn["lines"] if gid == "other")
+    assert list(head.get_ydata())[3:] == list(other.get_ydata())
+    assert (head.get_linestyle(), head.get_marker()) != (other.get_linestyle(), other.get_marker())
+    # each group's name is written at its line's end, apart from the others
+    names = {t.get_text(): t.get_position()[1] for t in drawn["axes"].texts if t.get_text() in history.groups}
+    assert set(names) == set(history.groups)
+    assert names["head"] != names["other"]
+
+
+def test_lr_segments_splits_a_group_refrozen_in_the_middle():
+    from tl_plugin.plotting import lr_segments
+
+    history = TrainingHistory(
+        groups=["blocks.0", "head"], steps=[0, 1, 2, 3, 4],
+        trainable_fraction=[{"blocks.0": f, "head": 1.0} for f in (1.0, 1.0, 0.0, 0.0, 0.5)],
+        lrs=[{"blocks.0": 1e-3, "head": 1e-3}] * 5,
+    )  # fmt: skip
+    segments = lr_segments(history)
+    assert [steps for steps, _ in segments["blocks.0"]] == [[0, 1], [4]]
+    assert [steps for steps, _ in segments["head"]] == [[0, 1, 2, 3, 4]]

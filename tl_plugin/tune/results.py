@@ -210,15 +210,36 @@ def write_results_csv(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike
     return path
 
 
-
 def plot_results(
-    rows: Sequence[Mapping[str, Any]], path: str | os.PathLike[str], metric: str, title: str | None = None
+    rows: Sequence[Mapping[str, Any]],
+    path: str | os.PathLike[str],
+    metric: str,
+    title: str | None = None,
+    baseline: float | None = None,
+    baseline_label: str = "majority class",
 ) -> Path:
     """Scatter plot (PNG) of ``metric`` vs learning rate (log scale), coloured by the frozen-block count.
 
     Marker shape: the strategy (full ●, partial ■, layers ▲); hollow markers: trials stopped early by the
-    scheduler; failed trials are not plotted (they have no metric).
+    scheduler; failed trials are not plotted (they have no metric). With ``baseline``, a dashed horizontal line
+    marks it (for accuracy, the majority-class rate: a trial on that line learned nothing), and the legend says how
+    many trials sit on it.
+
+    Args:
+        rows (`Sequence[Mapping]`): the results rows (`rows_from_results` / `rows_from_trials`, or read back from
+            ``results.csv``).
+        path (`str` or `os.PathLike`): the PNG file to write.
+        metric (`str`): the column to plot, e.g. ``"eval_accuracy"``.
+        title (`str`, *optional*): the figure title.
+        baseline (`float`, *optional*): a reference value of ``metric`` to draw, e.g. the majority-class accuracy
+            of the validation set.
+        baseline_label (`str`, *optional*, defaults to `"majority class"`): what the baseline is, for the legend.
+
+    Returns:
+        `Path`: the written file.
     """
+    if baseline is not None and not math.isfinite(float(baseline)):
+        raise ValueError(f"`baseline` must be a finite number or None, got {baseline!r}.")
     plt = require_matplotlib()
     path = Path(path)
     points = [r for r in rows if r.get(metric) is not None and r.get("learning_rate")]
@@ -254,6 +275,13 @@ def plot_results(
         handles += [Line2D([], [], marker=m, linestyle="", color="grey", label=s) for s, m in markers.items()]
         handles.append(Line2D([], [], marker="o", linestyle="", markerfacecolor="none", color="grey",
                               label="stopped early"))  # fmt: skip
+        if baseline is not None:
+            on_it = sum(1 for r in points if abs(float(r[metric]) - baseline) <= 1e-9 + 1e-6 * abs(baseline))
+            ax.axhline(baseline, color="firebrick", linestyle="--", linewidth=1.2, gid="baseline", zorder=0)
+            handles.append(
+                Line2D([], [], color="firebrick", linestyle="--",
+                       label=f"{baseline_label} {baseline:.4g} ({on_it} of {len(points)} trials on it)")
+            )  # fmt: skip
         ax.legend(handles=handles, fontsize=8, loc="best", framealpha=0.8)
         fig.tight_layout()
         path.parent.mkdir(parents=True, exist_ok=True)
