@@ -846,7 +846,7 @@ def test_unsupported_models_fail_loudly() -> None:
         ({"prefix_dropout": "on"}, "`prefix_dropout` must be one of 'off', 'forbid', got 'on'"),
         ({"max_bytes": 0}, "`max_bytes` must be a positive integer, got 0"),
         ({"on_too_large": "skip"}, "`on_too_large` must be one of 'error', 'uncached'"),
-        ({"dtype": "bfloat16"}, "`dtype` must be one of 'float32', 'float16'"),
+        ({"dtype": "int8"}, "`dtype` must be one of 'float32', 'float16', 'bfloat16', got 'int8'"),
     ],
 )
 def test_invalid_arguments_name_the_argument_and_choices(kwargs: dict, match: str) -> None:

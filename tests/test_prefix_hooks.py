@@ -197,7 +197,7 @@ ALLOWED: dict[str, set[str]] = {
     "rows": set(),
     "keys": {"layout"},
     "store": {"rows"},
-    "memo": set(),
+    "memo": {"store"},
     "options": {"last_block", "store", "verify"},
     "cache": {
         "tl_plugin.callbacks.base",  # ActivationCacheCallback is a TLCallback (callbacks never import prefix)

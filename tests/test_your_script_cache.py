@@ -153,7 +153,9 @@ def test_one_added_callback_caches_training_and_any_evaluation_with_the_same_res
 
 
 def test_wrong_options_fail_when_the_callback_is_made() -> None:
-    with pytest.raises(ValueError, match="`dtype` must be one of 'float32', 'float16', got 'half'"):
+    with pytest.raises(
+        ValueError, match="`dtype` must be one of 'float32', 'float16', 'bfloat16', got 'half'"
+    ):
         ActivationCacheCallback(dtype="half")
     with pytest.raises(ValueError, match=r"Unknown activation cache option\(s\) \['cache_size'\]; valid: "):
         ActivationCacheCallback(cache_size=10)

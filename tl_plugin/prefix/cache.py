@@ -59,8 +59,10 @@ from .store import (
     DEFAULT_MAX_BYTES,
     ActivationCacheError,
     ActivationStore,
+    RowWriter,
     Slot,
     default_cache_dir,
+    encode,
     human_bytes,
 )
 from .verify import check_split, stored_difference
@@ -102,8 +104,8 @@ class ActivationCache:
         prefix_dropout (`str`, *optional*, defaults to ``"off"``): ``"off"`` computes the prefix in eval mode
             (dropout off in frozen layers, cached or not); ``"forbid"`` also requires the prefix to have no
             dropout p>0 and no batch norm, so that a cached run equals a plain one. ``"on"`` is refused.
-        dtype (`str`, *optional*, defaults to ``"float32"``): storage dtype, ``"float32"`` or ``"float16"``
-            (half the size; the results then differ slightly from an uncached run).
+        dtype (`str`, *optional*, defaults to ``"float32"``): storage dtype, ``"float32"``, ``"float16"`` or
+            ``"bfloat16"`` (half the size; the results then differ slightly from an uncached run).
         batch_size (`int`, *optional*, defaults to 64): batch size of the pass that computes the activations.
         lock_timeout (`float`, *optional*, defaults to 3600): seconds to wait for another process building the
             same file.
@@ -159,7 +161,7 @@ class ActivationCache:
         max_bytes: int = DEFAULT_MAX_BYTES,
         on_too_large: Literal["error", "uncached"] = "error",
         prefix_dropout: PrefixDropout = "off",
-        dtype: Literal["float32", "float16"] = "float32",
+        dtype: Literal["float32", "float16", "bfloat16"] = "float32",
         batch_size: int = 64,
         lock_timeout: float = 3600.0,
         last_block: LastBlock = "auto",
@@ -465,9 +467,9 @@ class ActivationCache:
         """Compute the activations of `slot` (into `directory`, or RAM). `False` when over budget."""
         started = time.perf_counter()
         n, width = len(slot.rows), 1 if self._first_position_only(units) else slot.rows.width
-        array: np.ndarray | None = None
+        writer: RowWriter | None = None
         seq_axis = True
-        position = 0
+        row_shape: tuple[int, ...] = ()
         stop = self._stop_early.get(units, False)
         for features in feature_batches(slot.dataset, self.batch_size):
             batch = self._collate_inputs(features)
@@ -478,22 +480,21 @@ class ActivationCache:
                     f"The prefix output has {out.shape[0]} rows for a batch of {len(features)}: the "
                     "activation cache needs one row per example."
                 )
-            if array is None:
+            if writer is None:
                 main = batch.get(self._main_input)
                 seq_len = main.shape[1] if isinstance(main, torch.Tensor) and main.dim() > 1 else None
                 seq_axis = out.dim() >= 3 and seq_len is not None and out.shape[1] == seq_len
                 row_shape = ((width,) + tuple(out.shape[2:])) if seq_axis else tuple(out.shape[1:])
-                array = self.store.allocate(slot, (n,) + row_shape, directory)
-                if array is None:
+                writer = self.store.writer(slot, (n,) + row_shape, directory)
+                if writer is None:
                     return False
-            values = out.to("cpu", torch.float32).numpy()
-            if seq_axis:
-                length = min(values.shape[1], width)
-                array[position : position + len(features), :length] = values[:, :length]
-            else:
-                array[position : position + len(features)] = values
-            position += len(features)
-        assert array is not None
+            if seq_axis:  # every row padded (with zeros) or cut to the stored width
+                block = out.new_zeros((len(features),) + row_shape)
+                length = min(out.shape[1], width)
+                block[:, :length] = out[:, :length]
+                out = block
+            writer.write(encode(out, self.dtype))
+        assert writer is not None
         seconds = time.perf_counter() - started
         self.stats["builds"] += 1
         self.stats["build_seconds"] += seconds
@@ -502,12 +503,12 @@ class ActivationCache:
             "frozen_blocks": units - 1,
             "build_seconds": round(seconds, 3),
         }
-        self.store.finish(slot, array, directory, seq_axis, meta)
+        self.store.finish(slot, writer, directory, seq_axis, meta)
         logger.info(
             "Activation cache: built %d examples of %r (%s) in %.1f s",
             n,
             slot.name,
-            human_bytes(array.nbytes),
+            human_bytes(writer.nbytes),
             seconds,
         )
         return True

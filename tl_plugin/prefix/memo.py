@@ -28,6 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .store import decode, encode
+
 __all__ = ["RowMemo", "feature_digest", "row_digests"]
 
 
@@ -81,7 +83,7 @@ class RowMemo:
     """
 
     def __init__(self, dtype: str) -> None:
-        self.dtype = np.dtype(dtype)
+        self.dtype = dtype
         self.rows: dict[bytes, np.ndarray] = {}
         self.nbytes = 0
 
@@ -96,16 +98,15 @@ class RowMemo:
         self.nbytes = 0
 
     def record(self, digests: list[bytes], boundary: torch.Tensor, lengths: list[int], budget: int) -> bool:
-        """Keep row ``r`` of `boundary` (its first ``lengths[r]`` positions) under ``digests[r]``.
+        """Keep row ``r`` of `boundary` (as `storage_dtype`) (its first ``lengths[r]`` positions) under ``digests[r]``.
 
         Returns `False` (and keeps nothing more) once `budget` bytes would be exceeded.
         """
-        values = boundary.detach().to("cpu", torch.float32).numpy()
+        values = encode(boundary, self.dtype)
         for row, (digest, length) in enumerate(zip(digests, lengths, strict=True)):
             if digest in self.rows:
                 continue
-            kept = values[row, :length] if values.ndim >= 3 else values[row]
-            stored = np.array(kept, dtype=self.dtype)
+            stored = np.array(values[row, :length] if values.ndim >= 3 else values[row])
             if self.nbytes + stored.nbytes > budget:
                 return False
             self.rows[digest] = stored
@@ -171,7 +172,7 @@ class ContentLookup:
                 ([p for p, _ in pairs], store.rows_tensor(store.slots[slot_index], rows, like[: len(rows)]))
             )
         for position, row in from_memo:
-            values = torch.from_numpy(np.asarray(row, dtype=np.float32))
+            values = decode(row, self.memo.dtype)
             if like.dim() >= 2:
                 length = like.shape[1]
                 values = values[:length]

@@ -8,11 +8,11 @@ Example:
 
 ```python
 >>> from tl_plugin.prefix.options import check_cache_options
->>> check_cache_options(storage="memory", dtype="float16")
->>> check_cache_options(dtype="bfloat16")
+>>> check_cache_options(storage="memory", dtype="bfloat16")
+>>> check_cache_options(dtype="int8")
 Traceback (most recent call last):
 ...
-ValueError: `dtype` must be one of 'float32', 'float16', got 'bfloat16'.
+ValueError: `dtype` must be one of 'float32', 'float16', 'bfloat16', got 'int8'.
 
 ```
 """

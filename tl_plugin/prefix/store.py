@@ -8,7 +8,10 @@ search) build each key once; a file that does not match its dataset's row checks
 together stay within ``max_bytes`` (and the free disk space): past it, ``on_too_large`` says whether to raise
 `CacheTooLargeError` or to leave that dataset uncached.
 
-The store does not compute anything: the cache hands it a ``build(slot, directory)`` callable.
+Rows are written in order and read back with ``pread`` (`RowWriter`, `RowFile`): nothing is memory-mapped, so the
+resident memory of a build or of a cached epoch is a batch of rows, whatever the number of examples. ``dtype``
+is ``float32``, ``float16`` or ``bfloat16`` (half the bytes; bfloat16 keeps float32's range, stored as its 16
+bits). The store does not compute anything: the cache hands it a ``build(slot, directory)`` callable.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ DEFAULT_MAX_BYTES = 4 * 1024**3
 CACHE_FORMAT_VERSION = 1
 STORAGE_CHOICES = ("disk", "memory")
 ON_TOO_LARGE_CHOICES = ("error", "uncached")
-DTYPE_CHOICES = ("float32", "float16")
+DTYPE_CHOICES = ("float32", "float16", "bfloat16")
 
 
 class ActivationCacheError(RuntimeError):
@@ -89,6 +92,120 @@ def human_bytes(nbytes: float) -> str:
     return f"{nbytes:.1f} GiB"
 
 
+def storage_dtype(dtype: str) -> np.dtype:
+    """The numpy dtype rows are stored as (bfloat16, which numpy lacks, as its 16 bits in an int16)."""
+    return np.dtype(np.int16) if dtype == "bfloat16" else np.dtype(dtype)
+
+
+def encode(values: torch.Tensor, dtype: str) -> np.ndarray:
+    """`values` (any float tensor) as stored rows of `dtype`."""
+    if dtype == "bfloat16":
+        return values.detach().to("cpu", torch.bfloat16).view(torch.int16).numpy()
+    return values.detach().to("cpu", torch.float32).numpy().astype(dtype, copy=False)
+
+
+def decode(stored: np.ndarray, dtype: str) -> torch.Tensor:
+    """Stored rows of `dtype` as a tensor (bfloat16 rows as a bfloat16 tensor)."""
+    values = torch.from_numpy(np.ascontiguousarray(stored))
+    return values.view(torch.bfloat16) if dtype == "bfloat16" else values
+
+
+class RowFile:
+    """The rows of an ``.npy`` file, read with ``pread`` when asked for.
+
+    Nothing is mapped into memory, so the resident memory of a cached epoch is the rows of one batch, whatever the
+    size of the file. Supports what the cache reads: ``shape``, ``nbytes``, ``dtype`` and ``rows_file[indices]``.
+    """
+
+    def __init__(self, path: Path) -> None:
+        with open(path, "rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(handle)
+            else:
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(handle)
+            self.offset = handle.tell()
+        if fortran:
+            raise ValueError(f"{path} is stored in Fortran order; the activation cache writes C order.")
+        self.path = path
+        self.shape: tuple[int, ...] = tuple(shape)
+        self.dtype = np.dtype(dtype)
+        self.row_bytes = int(math.prod(self.shape[1:])) * self.dtype.itemsize
+        expected = self.offset + self.shape[0] * self.row_bytes
+        if os.path.getsize(path) != expected:
+            raise ValueError(f"{path} has {os.path.getsize(path)} bytes, its header says {expected}.")
+        self._fd: int | None = os.open(path, os.O_RDONLY)
+
+    @property
+    def nbytes(self) -> int:
+        return self.shape[0] * self.row_bytes
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows: Any) -> np.ndarray:
+        rows = np.atleast_1d(np.asarray(rows, dtype=np.int64))
+        out = np.empty((len(rows),) + self.shape[1:], dtype=self.dtype)
+        flat = out.reshape(len(rows), -1).view(np.uint8)
+        assert self._fd is not None
+        for i, row in enumerate(rows.tolist()):
+            data = os.pread(self._fd, self.row_bytes, self.offset + row * self.row_bytes)
+            flat[i] = np.frombuffer(data, np.uint8)
+        return out
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __del__(self) -> None:
+        self.close()
+
+
+class RowWriter:
+    """Writes rows in order: appended to an ``.npy`` file (no mapping: bounded memory), or into a RAM array."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: str, path: Path | None) -> None:
+        self.shape, self.dtype, self.path = shape, dtype, path
+        self.written = 0
+        self.array: np.ndarray | None = None
+        self._handle: Any = None
+        if path is None:
+            self.array = np.zeros(shape, dtype=storage_dtype(dtype))
+        else:
+            self._handle = open(path, "wb")  # noqa: SIM115 - closed by finish()
+            header = {
+                "descr": np.lib.format.dtype_to_descr(storage_dtype(dtype)),
+                "fortran_order": False,
+                "shape": shape,
+            }
+            np.lib.format.write_array_header_2_0(self._handle, header)
+
+    @property
+    def nbytes(self) -> int:
+        return int(math.prod(self.shape)) * storage_dtype(self.dtype).itemsize
+
+    def write(self, block: np.ndarray) -> None:
+        """Append `block` (the next rows, already of the stored dtype and row shape)."""
+        if self.array is not None:
+            self.array[self.written : self.written + len(block)] = block
+        else:
+            self._handle.write(np.ascontiguousarray(block).tobytes())
+        self.written += len(block)
+
+    def finish(self) -> np.ndarray | RowFile:
+        """Close the file and open its rows for reading (or return the RAM array)."""
+        if self.written != self.shape[0]:
+            raise ActivationCacheError(f"Wrote {self.written} rows of {self.shape[0]}.")
+        if self.array is not None:
+            return self.array
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+        self._handle.close()
+        assert self.path is not None
+        return RowFile(self.path)
+
+
 @dataclass
 class Slot:
     """One registered dataset and its stored rows (``array`` is `None` while nothing is stored)."""
@@ -97,13 +214,15 @@ class Slot:
     name: str
     dataset: Any
     rows: RowIndex
-    array: np.ndarray | None = None
+    array: np.ndarray | RowFile | None = None
     key: str | None = None
     path: Path | None = None
     nbytes: int = 0
     seq_axis: bool = True
 
     def release(self) -> None:
+        if isinstance(self.array, RowFile):
+            self.array.close()
         self.array, self.path, self.nbytes = None, None, 0
 
 
@@ -171,25 +290,19 @@ class ActivationStore:
         return self._load_or_build(slot, key, build, discard)
 
     # ------------------------------------------------------------------ writing
-    def allocate(self, slot: Slot, shape: tuple[int, ...], directory: Path | None) -> np.ndarray | None:
-        """A zeroed array of `shape` for `slot` (memory-mapped in `directory`); `None` when over budget."""
-        storage_dtype = np.dtype(self.dtype)
-        nbytes = math.prod(shape) * storage_dtype.itemsize
+    def writer(self, slot: Slot, shape: tuple[int, ...], directory: Path | None) -> RowWriter | None:
+        """A writer of `shape` rows for `slot` (a file in `directory`, else RAM); `None` when over budget."""
+        nbytes = math.prod(shape) * storage_dtype(self.dtype).itemsize
         if not self.within_budget(slot, nbytes, shape, disk=directory is not None):
             return None
-        if directory is None:
-            return np.zeros(shape, dtype=storage_dtype)
-        return np.lib.format.open_memmap(
-            directory / "activations.npy", mode="w+", dtype=storage_dtype, shape=shape
-        )
+        return RowWriter(shape, self.dtype, directory / "activations.npy" if directory is not None else None)
 
     def finish(
-        self, slot: Slot, array: np.ndarray, directory: Path | None, seq_axis: bool, meta: dict[str, Any]
+        self, slot: Slot, writer: RowWriter, directory: Path | None, seq_axis: bool, meta: dict[str, Any]
     ) -> None:
-        """Make `array` the rows of `slot`; in `directory`, also write the row checksums and ``meta.json``."""
+        """Make the rows of `writer` the rows of `slot`; in `directory`, also the row checksums and meta.json."""
+        array = writer.finish()
         if directory is not None:
-            if isinstance(array, np.memmap):
-                array.flush()
             np.save(directory / "rows.npy", np.stack([slot.rows.checksums, slot.rows.lengths]))
             meta = {
                 "key": slot.key,
@@ -202,7 +315,7 @@ class ActivationStore:
                 "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
             }
             (directory / "meta.json").write_text(json.dumps(meta, indent=1))
-            for name in ("activations.npy", "rows.npy", "meta.json"):
+            for name in ("rows.npy", "meta.json"):
                 with open(directory / name, "rb") as handle:
                     os.fsync(handle.fileno())
         slot.array, slot.nbytes, slot.seq_axis = array, int(array.nbytes), seq_axis
@@ -224,7 +337,7 @@ class ActivationStore:
                 try:
                     if not build(slot, tmp):
                         return True
-                    slot.array = None  # close the memmap before the rename
+                    slot.release()  # close the file before the rename
                     try:
                         os.rename(tmp, final)
                     except OSError:
@@ -251,7 +364,7 @@ class ActivationStore:
         try:
             meta = json.loads(meta_path.read_text())
             rows = np.load(rows_path)
-            array = np.load(data_path, mmap_mode="r")
+            array = RowFile(data_path)
         except (OSError, ValueError) as err:
             logger.warning("Activation cache %s is unreadable (%s); rebuilding it.", final, err)
             return False
@@ -281,7 +394,7 @@ class ActivationStore:
         if held + nbytes > self.max_bytes:
             problem = (
                 f"The activations of {slot.name!r} ({shape[0]} examples x {list(shape[1:])} x "
-                f"{np.dtype(self.dtype).itemsize} B = {human_bytes(nbytes)}"
+                f"{storage_dtype(self.dtype).itemsize} B = {human_bytes(nbytes)}"
                 + (f", plus {human_bytes(held)} already held" if held else "")
                 + f") exceed max_bytes={self.max_bytes} ({human_bytes(self.max_bytes)})."
             )
@@ -311,7 +424,7 @@ class ActivationStore:
     def rows_tensor(self, slot: Slot, rows: np.ndarray, like: torch.Tensor) -> torch.Tensor:
         """Rows of `slot` as a tensor with `like`'s device, dtype and (padded or cut) sequence length."""
         assert slot.array is not None
-        values = torch.from_numpy(np.ascontiguousarray(slot.array[rows]))
+        values = decode(slot.array[rows], self.dtype)
         if slot.seq_axis and like.dim() >= 2:
             length = like.shape[1]
             if values.shape[1] >= length:
