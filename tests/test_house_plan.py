@@ -149,3 +149,19 @@ def test_the_design_page_names_every_module_and_the_same_floors():
     assert missing == [], f"docs/design.md does not name: {missing}"
     for title, _ in FLOORS:
         assert title in page, f"docs/design.md lacks the floor {title!r}"
+
+
+def test_the_readme_layout_lists_every_module():
+    readme = (ROOT / "README.md").read_text()
+    layout = readme[readme.index("## Layout") :]
+    layout = layout[: layout.find("\n## ", 1) if "\n## " in layout[1:] else len(layout)]
+    missing = []
+    for name in MODULES:
+        parts = name.split(".")[1:] or ["tl_plugin"]
+        last = parts[-1] if parts[-1] != "__init__" else parts[-2]
+        if name == "tl_plugin" or f"`{last}`" in layout or f"`{last}/`" in layout or f"`{'/'.join(parts[-2:])}`" in layout:
+            continue
+        if f"`tl_plugin/{'/'.join(parts)}.py`" in layout or f"`tl_plugin/{'/'.join(parts)}/`" in layout:
+            continue
+        missing.append(name)
+    assert missing == [], f"README's Layout does not list: {missing}"
