@@ -180,11 +180,23 @@ def maximize_evidence(
 ) -> tuple[float, float, float]:
     """The `alpha`, `beta` that maximise `log_evidence`, by the fixed-point iteration of evidence maximisation
     (``gamma = sum_i beta s_i^2 / (alpha + beta s_i^2)``, ``alpha = gamma / m^T m``,
-    ``beta = (n - gamma) / ||F m - y||^2``), and the maximum log evidence. Returns ``(alpha, beta, evidence)``."""
+    ``beta = (n - gamma) / ||F m - y||^2``), and the maximum log evidence. Returns ``(alpha, beta, evidence)``.
+
+    The iteration starts from several ratios ``alpha / beta`` (`START_RATIOS`, relative to the features' scale) and
+    keeps the highest evidence: from a single fixed start, small-scale features can end in the degenerate maximum
+    where the weights vanish."""
     f = np.asarray(features, dtype=np.float64)
     y = np.asarray(target, dtype=np.float64).reshape(-1)
     s2, u = _svd_terms(f)
     return _fixed_point(s2, u.T @ y, float(y @ y), f.shape[0], f.shape[1], max_iter, tol)
+
+
+#: Starting points of the fixed-point iteration: the prior-to-noise precision ratio alpha / beta, relative to the
+#: mean squared singular value of the features. The evidence can have a second, degenerate maximum (alpha large:
+#: weights ~ 0, "the features explain nothing") whose basin holds a fixed start such as alpha = beta = 1 when the
+#: features are small in scale; starting from several ratios and keeping the highest evidence makes the result
+#: independent of the features' scale.
+START_RATIOS = (1e-6, 1e-4, 1e-2, 1.0, 1e2)
 
 
 def _fixed_point(
@@ -192,14 +204,29 @@ def _fixed_point(
 ) -> tuple[float, float, float]:
     z2 = z**2
     outside = max(yty - float(np.sum(z2)), 0.0)
-    alpha, beta = 1.0, 1.0
+    beta0 = n / max(yty, 1e-12)
+    scale = float(np.mean(s2)) if s2.size else 1.0
+    best: tuple[float, float, float] | None = None
+    for ratio in START_RATIOS:
+        found = _iterate(s2, z2, outside, n, d, beta0 * scale * ratio, beta0, max_iter, tol)
+        if best is None or found[2] > best[2]:
+            best = found
+    assert best is not None
+    return best
+
+
+def _iterate(
+    s2: np.ndarray, z2: np.ndarray, outside: float, n: int, d: int, alpha: float, beta: float, max_iter: int,
+    tol: float,
+) -> tuple[float, float, float]:
+    """The fixed-point iteration from one start (alpha, beta); returns (alpha, beta, log evidence)."""
     for _ in range(max_iter):
         _, mtm, residual = _evidence_from_svd(s2, z2, outside, n, d, alpha, beta)
         gamma = float(np.sum(beta * s2 / (alpha + beta * s2)))
-        new_alpha = gamma / max(mtm, 1e-12)
-        new_beta = max(n - gamma, 1e-12) / max(residual, 1e-12)
+        new_alpha = min(max(gamma / max(mtm, 1e-300), 1e-12), 1e12)
+        new_beta = min(max(n - gamma, 1e-12) / max(residual, 1e-300), 1e12)
         done = abs(new_alpha - alpha) <= tol * alpha and abs(new_beta - beta) <= tol * beta
-        alpha, beta = max(new_alpha, 1e-12), new_beta
+        alpha, beta = new_alpha, new_beta
         if done:
             break
     return alpha, beta, _evidence_from_svd(s2, z2, outside, n, d, alpha, beta)[0]
@@ -235,7 +262,7 @@ def logme(features: np.ndarray, labels: Sequence[int] | np.ndarray) -> float:
     total = 0.0
     for c in classes:
         target = (y == c).astype(np.float64)
-        total += _fixed_point(s2, u.T @ target, float(target @ target), n, d, 100, 1e-6)[2] / n
+        total += _fixed_point(s2, u.T @ target, float(target @ target), n, d, 200, 1e-6)[2] / n
     return total / classes.size
 
 
