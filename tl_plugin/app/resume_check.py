@@ -143,6 +143,8 @@ def resume_differences(
         _differs(differences, "lr_min", args.lr_min, low)
     if "lr_max" in explicit:
         _differs(differences, "lr_max", args.lr_max, high)
+    if "prior" in explicit:
+        _differs(differences, "prior", args.prior, "scan" if isinstance(search.get("prior"), dict) else "none")
     if "no_baseline" in explicit and "baseline" in search:
         _differs(differences, "no_baseline", bool(args.no_baseline), not search["baseline"])
     for dest, key in _SETTINGS_KEYS.items():

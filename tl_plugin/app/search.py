@@ -117,6 +117,11 @@ def build_search_parser(prog: str = "tl-plugin search") -> SearchParser:
     )
     search.add_argument("--mode", default="max", choices=("max", "min"))
     search.add_argument("--seed", type=int, default=42, help="Seed of the sampler and of every trial.")
+    search.add_argument(
+        "--prior", default="none", choices=("none", "scan"),
+        help="scan: run tl-plugin scan first and search only the freeze boundaries near its recommendation, with "
+        "its learning-rate range (unless --lr_min/--lr_max are given); the recommended config is the first trial.",
+    )  # fmt: skip
     search.add_argument("--tiny", action="store_true", help="Tiny random BERT with the MiniLM tokenizer (smoke run).")
 
     out = parser.add_argument_group("outputs")
@@ -164,6 +169,7 @@ def search_options(args: argparse.Namespace) -> dict[str, Any]:
         "perturbation_interval": args.perturbation_interval,
         "max_failures": args.max_failures,
         "workers_per_trial": args.workers_per_trial,
+        "prior": args.prior,
     }
 
 
@@ -251,6 +257,11 @@ def run_search(args: argparse.Namespace, extra_callbacks: Sequence[Any] = ()) ->
         settings = _settings(args, output_dir)
         _check_own_data(args, settings)
         search = search_options(args)
+        if args.prior == "scan":
+            from .search_prior import run_scan_prior
+
+            prior = run_scan_prior(args, settings, user_train_flags(args.model, args.data), output_dir)
+            search.update(lr_range=list(prior.lr_range), strategies=prior.strategies, prior=prior.to_dict())
         saved = {
             "settings": settings.to_dict(),
             "search": search,
@@ -302,15 +313,18 @@ def run_search(args: argparse.Namespace, extra_callbacks: Sequence[Any] = ()) ->
                 strategies=search["strategies"],
                 unfreeze_paces=(0, 1, 2, 4) if search.get("gradual_unfreezing") else None,
                 l2sp_alphas=(0.0, 1e-3, 1e-2, 1e-1) if search["l2sp"] else None,
+                freeze_blocks=search["prior"]["freeze_blocks"] if isinstance(search.get("prior"), dict) else None,
             )
             points = []
+            if isinstance(search.get("prior"), dict):  # the scan's recommendation and its neighbours first
+                points += [dict(p) for p in search["prior"]["first_points"]]
             if search["baseline"] and "layers" in search["strategies"]:
-                point = tlt.baseline_point(settings.num_blocks)
+                points.append(tlt.baseline_point(settings.num_blocks))
+            for point in points:  # the optional knobs off, as tl-plugin train runs
                 if search.get("gradual_unfreezing"):
                     point["unfreeze_pace"] = 0
                 if search["l2sp"]:
                     point["l2sp_alpha"] = 0.0
-                points.append(point)
             tuner = tune.Tuner(
                 trainable,
                 param_space=space,

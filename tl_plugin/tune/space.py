@@ -34,6 +34,7 @@ def build_search_space(
     max_reinit: int | None = None,
     unfreeze_paces: Sequence[int] | None = None,
     l2sp_alphas: Sequence[float] | None = None,
+    freeze_blocks: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """The Ray Tune search space of a transfer-learning search on a model with ``num_blocks`` blocks.
 
@@ -58,6 +59,8 @@ def build_search_space(
         max_reinit (`int`, *optional*): most top blocks re-initialised by ``partial``.
         unfreeze_paces (`Sequence[int]`, *optional*): gradual-unfreezing paces to try (``0``: off).
         l2sp_alphas (`Sequence[float]`, *optional*): L2-SP strengths to try (``0``: off).
+        freeze_blocks (`Sequence[int]`, *optional*): the ``freeze_bottom_blocks`` values to try (default: all of
+            1 … ``num_blocks``), e.g. the boundaries near a layer scan's recommendation.
 
     Returns:
         `dict`: ``{name: ray.tune domain}``, ready for ``Tuner(param_space=...)``.
@@ -82,6 +85,11 @@ def build_search_space(
         "freeze_bottom_blocks": tune.randint(1, num_blocks + 1),  # upper bound excluded
         "reinit_top_k": tune.randint(1, max_reinit + 1),
     }
+    if freeze_blocks is not None:
+        odd = [b for b in freeze_blocks if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= num_blocks]
+        if not freeze_blocks or odd:
+            raise ValueError(f"`freeze_blocks` must be block counts in [1, {num_blocks}], got {list(freeze_blocks)}.")
+        space["freeze_bottom_blocks"] = tune.choice(sorted(set(freeze_blocks)))
     if lr_decays:
         bad = [d for d in lr_decays if not 0 < d <= 1]
         if bad:
