@@ -39,13 +39,14 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 
-FULL = {"boundaries": [0, 1, 2, 3, 4, 5, 6], "seeds": [42, 43, 44], "train_size": 2000, "test_size": 500}
-QUICK = {"boundaries": [0, 2, 4, 6], "seeds": [42], "train_size": 300, "test_size": 200}
+FULL = {"boundaries": [0, 1, 2, 3, 4, 5, 6], "seeds": [42, 43, 44], "train_size": 2000, "test_size": 500, "batch_size": 16}
+#: A smoke run of the whole pipeline (tl-plugin train --quick's data and batch size), not a measurement of the targets.
+QUICK = {"boundaries": [0, 2, 4, 6], "seeds": [42], "train_size": 400, "test_size": 200, "batch_size": 8}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="boundaries 0,2,4,6; 1 seed; 300 train / 200 test")
+    parser.add_argument("--quick", action="store_true", help="boundaries 0,2,4,6; 1 seed; 400 train / 200 test; batch 8")
     parser.add_argument("--boundaries", type=int, nargs="+", help="freeze boundaries of the grid (default 0-6)")
     parser.add_argument("--seeds", type=int, nargs="+", help="seeds of the grid (default 42 43 44)")
     parser.add_argument("--train_size", type=int, help="training reviews (default 2000)")
@@ -55,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pooling", default="auto", help="the scan's --pooling (default: the model's own)")
     parser.add_argument("--threads", type=int, default=1, help="OMP / torch threads of every subprocess")
     parser.add_argument("--json", type=Path, help="where the results go (default: benchmarks/results/...)")
+    parser.add_argument(
+        "--reuse_grid", type=Path, metavar="JSON",
+        help="take the grid's accuracies and the full run's time from an earlier results file of the same settings "
+        "and run only the scan (after a change to the scan)",
+    )  # fmt: skip
     return parser
 
 
@@ -85,6 +91,7 @@ def train_command(run: dict[str, Any], boundary: int, seed: int, out: Path) -> l
     return [
         sys.executable, "-m", "tl_plugin.cli", "train", *data_flags(run), *transfer_flags(boundary),
         "--num_train_epochs", str(run["epochs"]), "--learning_rate", str(run["learning_rate"]), "--seed", str(seed),
+        "--per_device_train_batch_size", str(run.get("batch_size", 16)),
         "--eval_strategy", "no", "--save_strategy", "no", "--disable_tqdm", "true", "--output_dir", str(out),
     ]  # fmt: skip
 
@@ -212,6 +219,36 @@ def machine() -> dict[str, Any]:
     return {"cpu": cpu, "cores": os.cpu_count(), "load_average": os.getloadavg(), "python": platform.python_version()}
 
 
+def run_grid(run: dict[str, Any], env: dict[str, str], work: Path) -> tuple[dict[int, list[float]], float]:
+    """Fine-tune every boundary for every seed; the test accuracies and the first full run's wall time."""
+    grid: dict[int, list[float]] = {b: [] for b in run["boundaries"]}
+    full_seconds = None
+    for seed in run["seeds"]:
+        for boundary in run["boundaries"]:
+            out = work / f"b{boundary}-s{seed}"
+            seconds = timed(train_command(run, boundary, seed, out), env, work / f"b{boundary}-s{seed}.log")
+            accuracy = json.loads((out / "metrics.json").read_text())["test_accuracy"]
+            grid[boundary].append(accuracy)
+            if boundary == 0 and full_seconds is None:
+                full_seconds = seconds
+            print(f"grid: boundary {boundary} seed {seed}: test accuracy {accuracy:.4f} ({seconds:.0f} s)", flush=True)
+    if full_seconds is None:  # boundary 0 not in the grid: time one full run on its own
+        full_seconds = timed(train_command(run, 0, run["seeds"][0], work / "full"), env, work / "full.log")
+    return grid, full_seconds
+
+
+def reused_grid(path: Path, run: dict[str, Any]) -> tuple[dict[int, list[float]], float]:
+    """The grid of an earlier results file; its settings must be this run's (boundaries aside)."""
+    earlier = json.loads(path.read_text())
+    keys = ("seeds", "train_size", "test_size", "batch_size", "epochs", "learning_rate")
+    differ = {k: (earlier["settings"].get(k), run.get(k)) for k in keys if earlier["settings"].get(k) != run.get(k)}
+    if differ:
+        raise SystemExit(f"--reuse_grid {path}: its settings differ from this run's (earlier, now): {differ}")
+    summary = earlier["summary"]
+    grid = {row["boundary"]: row["grid_accuracies"] for row in summary["rows"]}
+    return grid, summary["full_run_seconds"]
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     run = settings(args)
@@ -224,20 +261,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         scan = json.loads((work / "scan" / "scan.json").read_text())
         recommended = scan["recommendation"]["boundary"]
         print(f"scan: {scan_seconds:.0f} s; recommends boundary {recommended}", flush=True)
-        run["boundaries"] = with_recommended(run["boundaries"], recommended)
-        grid: dict[int, list[float]] = {b: [] for b in run["boundaries"]}
-        full_seconds = None
-        for seed in run["seeds"]:
-            for boundary in run["boundaries"]:
-                out = work / f"b{boundary}-s{seed}"
-                seconds = timed(train_command(run, boundary, seed, out), env, work / f"b{boundary}-s{seed}.log")
-                accuracy = json.loads((out / "metrics.json").read_text())["test_accuracy"]
-                grid[boundary].append(accuracy)
-                if boundary == 0 and full_seconds is None:
-                    full_seconds = seconds
-                print(f"grid: boundary {boundary} seed {seed}: test accuracy {accuracy:.4f} ({seconds:.0f} s)", flush=True)
-        if full_seconds is None:  # boundary 0 not in the grid: time one full run on its own
-            full_seconds = timed(train_command(run, 0, run["seeds"][0], work / "full"), env, work / "full.log")
+        if args.reuse_grid is not None:  # the earlier grid as it is (a recommendation outside it is said so)
+            grid, full_seconds = reused_grid(args.reuse_grid, run)
+            run["boundaries"] = sorted(grid)
+        else:
+            run["boundaries"] = with_recommended(run["boundaries"], recommended)
+            grid, full_seconds = run_grid(run, env, work)
     summary = summarise(scan, grid, scan_seconds, full_seconds)
     print("\n" + format_report(summary))
     result = {
@@ -248,6 +277,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "settings": run,
         "summary": summary,
         "scan": scan,
+        "grid_from": str(args.reuse_grid) if args.reuse_grid is not None else "this run",
     }
     path = args.json or RESULTS / ("scan_vs_grid_quick.json" if args.quick else "scan_vs_grid.json")
     path.parent.mkdir(parents=True, exist_ok=True)
