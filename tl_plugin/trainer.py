@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from transformers import Trainer
 
-from .callbacks.base import attach, bind_all
+from .callbacks.base import attach, bind_all, follow_trainer_logging
 from .discovery import LayerGroups, discover_layer_groups
 from .distributed import check_ddp_will_wrap
 from .optim import _check_lr_decay, create_optimizer, unwrap_model
@@ -80,6 +80,7 @@ class TransferTrainer(Trainer):
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        follow_trainer_logging(self.args)
         check_ddp_will_wrap(self.args, type(self).__name__)
         callbacks = self.callback_handler.callbacks
         if lr_decay is None:

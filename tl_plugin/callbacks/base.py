@@ -21,6 +21,10 @@ callbacks the Trainer lists in ``state.stateful_callbacks`` (every `ExportableSt
 Every tl_plugin callback also refuses, before the first training step, a run launched on several processes that the
 Trainer would not wrap in DistributedDataParallel (:func:`tl_plugin.distributed.check_ddp_will_wrap`): the check
 runs at ``on_init_end`` and ``on_train_begin``, also in subclasses that override those events.
+
+The ``tl_plugin`` logger follows the Trainer's logging (:func:`follow_trainer_logging`, at the same two events):
+a script that configures no logging still shows the trainable-parameter table and the freeze events, and
+``TrainingArguments(log_level="error")`` silences them.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import sys
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -38,6 +43,10 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from ..distributed import check_ddp_will_wrap, is_distributed
 
 logger = logging.getLogger("tl_plugin")
+
+# What `follow_trainer_logging` last did to the `tl_plugin` logger: the level it set (a level set by anyone else is
+# left alone) and the handler it added (when nothing else would print the logger's records).
+_followed: dict[str, Any] = {"level": None, "handler": None}
 
 #: The attribute, in an `ExportableState` callback's exported state, that names its `conflict_key`.
 CONFLICT_KEY_ATTRIBUTE = "conflict_key"
@@ -152,7 +161,57 @@ def _check_reporting(callback: TLCallback, args: TrainingArguments) -> None:
         )
 
 
+def tl_log_level(args: TrainingArguments) -> int:
+    """The level of the ``tl_plugin`` logger in a run of `args`, on this process.
+
+    ``args.get_process_log_level()`` (``log_level`` on the main process, ``log_level_replica`` on the others; the
+    ``transformers.logging`` verbosity where that is ``"passive"``), except that on the main process a run which
+    asks for nothing (``log_level="passive"`` and transformers' default verbosity, warning) gets ``INFO``: the
+    trainable-parameter table and the freeze events are what the callbacks are there to show.
+
+    Example:
+
+    ```python
+    >>> import logging
+    >>> from transformers import TrainingArguments
+    >>> from tl_plugin.callbacks.base import tl_log_level
+    >>> logging.getLevelName(tl_log_level(TrainingArguments("out", report_to="none", log_level="info")))
+    'INFO'
+    >>> logging.getLevelName(tl_log_level(TrainingArguments("out", report_to="none", log_level="error")))
+    'ERROR'
+
+    ```
+    """
+    level = int(args.get_process_log_level())
+    if args.should_log and args.log_level == "passive" and level == logging.WARNING:
+        return logging.INFO
+    return level
+
+
+def follow_trainer_logging(args: TrainingArguments) -> None:
+    """Make the ``tl_plugin`` logger follow the Trainer's logging for a run of `args`.
+
+    Sets the logger's level to :func:`tl_log_level` (unless you set a level on it yourself, which is left alone),
+    and, when no handler would print its records (a script that configures no logging: Python would only print
+    warnings), gives it one that writes to stderr, like ``transformers.logging``'s own. Called by every tl_plugin
+    callback at ``on_init_end`` and ``on_train_begin``, and by `TransferTrainer`.
+    """
+    if not callable(getattr(args, "get_process_log_level", None)):
+        return  # not a `TrainingArguments` (a stand-in holding only what a check reads): nothing to follow
+    tl_logger = logging.getLogger("tl_plugin")
+    if tl_logger.level in (logging.NOTSET, _followed["level"]):
+        level = tl_log_level(args)
+        tl_logger.setLevel(level)
+        _followed["level"] = level
+    if _followed["handler"] is None and not tl_logger.hasHandlers():
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("[tl_plugin] %(message)s"))
+        tl_logger.addHandler(handler)
+        _followed["handler"] = handler
+
+
 def _check_before_first_step(callback: TLCallback, event: str, args: TrainingArguments) -> None:
+    follow_trainer_logging(args)
     check_ddp_will_wrap(args, type(callback).__name__)
     if event == "on_train_begin":
         _check_reporting(callback, args)
