@@ -27,6 +27,7 @@ from tl_plugin.callbacks import (
     GradualUnfreezingCallback,
     LayerwiseLRDecayCallback,
     LinearProbeThenFineTuneCallback,
+    TrainingHistoryCallback,
     TransferCallback,
     attach,
 )
@@ -397,6 +398,34 @@ def test_a_rule_past_the_end_of_training_is_fine(tmp_path):
             r"`steps` must be a non-empty, strictly increasing",
         ),
         (lambda: GradualUnfreezingCallback(groups_per_phase=0), "`groups_per_phase` must be an integer >= 1"),
+        (
+            lambda: GradualUnfreezingCallback(groups_per_phase=True),
+            r"`groups_per_phase` must be an integer >= 1, got True",
+        ),
+        (
+            lambda: GradualUnfreezingCallback(every_n_epochs=0),
+            r"`every_n_epochs` must be a finite number > 0, got 0",
+        ),
+        (
+            lambda: FreezeSchedule.from_dict({"phases": [{"train": ["head"], "until_epoch": float("inf")}]}),
+            r"`until_epoch` must be a finite number > 0, got inf",
+        ),
+        (
+            lambda: FreezeSchedule.from_dict(
+                {"phases": [{"train": ["head"], "until_step": 2, "warm_restart": "yes"}]}
+            ),
+            r"`warm_restart` must be True or False, got 'yes'",
+        ),
+        (
+            lambda: FreezeSchedule.from_dict(
+                {"phases": [{"train": ["head"], "until_plateau": {"min_delta": -1}}, {"train": ["all"]}]}
+            ),
+            r"`min_delta` must be a finite number >= 0, got -1",
+        ),
+        (
+            lambda: TrainingHistoryCallback(every_n_steps=False),
+            r"`every_n_steps` must be an integer >= 1, got False",
+        ),
         (lambda: LinearProbeThenFineTuneCallback(), "needs the length of the probe"),
         (
             lambda: FreezeSchedule.from_dict({"phases": [{"train": ["head"]}, {"train": ["all"]}]}),

@@ -109,7 +109,7 @@ def test_no_decay_override_and_no_lr_decay_means_one_lr():
 @pytest.mark.parametrize("bad", [0, -0.5, 1.5, float("nan"), True, "0.8"])
 def test_lr_decay_outside_0_1_is_rejected_everywhere(bad, tmp_path):
     model = build_tiny_bert()
-    message = r"`lr_decay` must be a number in \(0, 1\]"
+    message = r"`lr_decay` must be a finite number in \(0, 1\]"
     with pytest.raises(ValueError, match=message):
         layerwise_param_groups(model, 1e-3, lr_decay=bad)
     with pytest.raises(ValueError, match=message):

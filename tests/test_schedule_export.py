@@ -134,9 +134,9 @@ def test_what_a_freeze_schedule_cannot_express_is_refused_naming_the_fix():
     decayed = LinearProbeThenFineTuneCallback(probe_steps=2, then=TransferConfig(lr_decay=0.8))
     with pytest.raises(ValueError, match=r"add `LayerwiseLRDecayCallback\(0.8\)` beside"):
         decayed.export_schedule(model)
-    with pytest.raises(ValueError, match=r"`num_train_epochs` must be a number > 0, got 0"):
+    with pytest.raises(ValueError, match=r"`num_train_epochs` must be a finite number > 0, got 0"):
         GradualUnfreezing().export(model, num_train_epochs=0)
-    with pytest.raises(ValueError, match=r"`max_steps` must be an integer > 0, got 2.5"):
+    with pytest.raises(ValueError, match=r"`max_steps` must be an integer >= 1, got 2.5"):
         GradualUnfreezing(every_n_steps=1).export(model, max_steps=2.5)  # type: ignore[arg-type]
 
 

@@ -27,7 +27,6 @@ Three ways to use it with a `Trainer`:
 from __future__ import annotations
 
 import logging
-import math
 import re
 from collections.abc import Collection
 from typing import Any, cast
@@ -36,6 +35,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
+from .checks import check_number
 from .discovery import LayerGroup, LayerGroups, discover_layer_groups
 
 logger = logging.getLogger("tl_plugin")
@@ -108,24 +108,13 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 def _check_lr_decay(lr_decay: Any) -> float | None:
     if lr_decay is None:
         return None
-    if (
-        isinstance(lr_decay, bool)
-        or not isinstance(lr_decay, (int, float))
-        or not math.isfinite(lr_decay)
-        or not 0 < lr_decay <= 1
-    ):
-        raise ValueError(
-            f"`lr_decay` must be a number in (0, 1] (e.g. 0.8; 1 or None: no decay), got {lr_decay!r}."
-        )
-    return float(lr_decay)
+    return check_number(
+        "lr_decay", lr_decay, low=0, high=1, include_low=False, hint="e.g. 0.8; 1 or None: no decay"
+    )
 
 
 def _check_positive(name: str, value: Any, allow_zero: bool = False) -> float:
-    bad = isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
-    if bad or value < 0 or (value == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"`{name}` must be a finite number {bound}, got {value!r}.")
-    return float(value)
+    return check_number(name, value, low=0, include_low=allow_zero)
 
 
 def group_depths(groups: LayerGroups) -> dict[str, int]:
@@ -413,4 +402,3 @@ def optimizer_cls_and_kwargs(
         model, args.learning_rate, args.weight_decay, decay, groups=groups, no_decay=no_decay
     )
     return optimizer_cls, kwargs
-

@@ -9,6 +9,7 @@ from typing import Any
 
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
+from ..checks import check_int
 from ..discovery import LayerGroups, discover_layer_groups
 from .base import TLCallback
 
@@ -85,9 +86,7 @@ class TrainingHistoryCallback(TLCallback):
 
     def __init__(self, every_n_steps: int = 1, groups: LayerGroups | None = None) -> None:
         super().__init__()
-        if not isinstance(every_n_steps, int) or isinstance(every_n_steps, bool) or every_n_steps < 1:
-            raise ValueError(f"`every_n_steps` must be an integer >= 1, got {every_n_steps!r}.")
-        self.every_n_steps = every_n_steps
+        self.every_n_steps = check_int("every_n_steps", every_n_steps, minimum=1)
         self._groups = groups
         self.history = TrainingHistory()
 

@@ -231,7 +231,7 @@ class LayerwiseLRDecayCallback(TLCallback):
     >>> LayerwiseLRDecayCallback(1.5)
     Traceback (most recent call last):
     ...
-    ValueError: `lr_decay` must be a number in (0, 1] (e.g. 0.8; 1 or None: no decay), got 1.5.
+    ValueError: `lr_decay` must be a finite number in (0, 1] (e.g. 0.8; 1 or None: no decay), got 1.5.
 
     ```
     """
@@ -244,7 +244,7 @@ class LayerwiseLRDecayCallback(TLCallback):
         super().__init__()
         decay = _check_lr_decay(lr_decay)
         if decay is None:
-            raise ValueError("`lr_decay` must be a number in (0, 1] (e.g. 0.8; 1: no decay), got None.")
+            raise ValueError("`lr_decay` must be a finite number in (0, 1] (e.g. 0.8; 1: no decay), got None.")
         self.lr_decay: float = decay
         self.blocks = blocks
         self.head = head

@@ -26,7 +26,6 @@ DeepSpeed (partitioned gradients) is not supported and raises; FSDP is untested.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import weakref
 from collections.abc import Mapping, Sequence
@@ -39,6 +38,7 @@ from torch import nn
 from transformers import TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from ..checks import check_number
 from ..discovery import LayerDiscoveryError, discover_layer_groups
 from ..freezing import select_parameters
 from .base import TLCallback
@@ -52,14 +52,7 @@ L2SP_REFERENCE_FILE = "tl_l2sp_reference.safetensors"
 
 
 def _check_coefficient(name: str, value: Any) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, (int, float))
-        or not math.isfinite(value)
-        or value < 0
-    ):
-        raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}.")
-    return float(value)
+    return check_number(name, value, low=0)
 
 
 @dataclass(frozen=True)

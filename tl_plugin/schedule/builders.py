@@ -14,15 +14,17 @@ which `FreezeScheduleCallback` runs identically; a user starts from the generate
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..checks import check_int, check_number
 from ..config import TransferConfig
 from ..discovery import LayerGroup, LayerGroups, discover_layer_groups
 from ..transfer import groups_to_reinitialize, plan_trainable
-from .format import ALL_GROUPS, FreezeSchedule, Phase, Plateau, _is_int, _is_number
+from .format import ALL_GROUPS, FreezeSchedule, Phase, Plateau
 
 __all__ = [
     "FixedSchedule",
@@ -125,15 +127,20 @@ class ScheduleBuilder:
         return schedule
 
 
+def _is_bound(value: Any, integral: bool) -> bool:
+    """Whether `value` is a phase boundary: a finite number > 0 (not a bool), an integer when `integral`."""
+    number = (
+        isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    )
+    return number and (not integral or isinstance(value, int))
+
+
 def _truncated(phases: list[Phase], num_train_epochs: float | None, max_steps: int | None) -> list[Phase]:
     """`phases` without those that start at or after the end of a run of the given length."""
-    for name, value, integral in (
-        ("num_train_epochs", num_train_epochs, False),
-        ("max_steps", max_steps, True),
-    ):
-        if value is not None and (not _is_number(value) or value <= 0 or (integral and not _is_int(value))):
-            kind = "an integer" if integral else "a number"
-            raise ValueError(f"`{name}` must be {kind} > 0, got {value!r}.")
+    if num_train_epochs is not None:
+        check_number("num_train_epochs", num_train_epochs, low=0, include_low=False)
+    if max_steps is not None:
+        check_int("max_steps", max_steps, minimum=1)
     if num_train_epochs is not None and max_steps is not None:
         raise ValueError("Give the run's length as `num_train_epochs` or `max_steps`, not both.")
     kept: list[Phase] = []
@@ -248,25 +255,24 @@ class GradualUnfreezing(ScheduleBuilder):
             )
         if not given:
             every_n_epochs = 1
-        if every_n_epochs is not None and (not _is_number(every_n_epochs) or every_n_epochs <= 0):
-            raise ValueError(f"`every_n_epochs` must be a number > 0, got {every_n_epochs!r}.")
-        if every_n_steps is not None and (not _is_int(every_n_steps) or every_n_steps < 1):
-            raise ValueError(f"`every_n_steps` must be an integer >= 1, got {every_n_steps!r}.")
+        if every_n_epochs is not None:
+            check_number("every_n_epochs", every_n_epochs, low=0, include_low=False)
+        if every_n_steps is not None:
+            check_int("every_n_steps", every_n_steps, minimum=1)
         for key, values, integral in (("epochs", epochs, False), ("steps", steps, True)):
             if values is None:
                 continue
             values = list(values)
-            valid = all(_is_number(b) and b > 0 and (not integral or _is_int(b)) for b in values)
+            valid = all(_is_bound(b, integral) for b in values)
             if not values or not valid or any(b >= c for b, c in zip(values, values[1:], strict=False)):
                 kind = "integers" if integral else "numbers"
                 raise ValueError(
                     f"`{key}` must be a non-empty, strictly increasing list of {kind} > 0 (counted from the start of "
                     f"training), got {values!r}."
                 )
-        if not _is_int(groups_per_phase) or groups_per_phase < 1:
-            raise ValueError(f"`groups_per_phase` must be an integer >= 1, got {groups_per_phase!r}.")
-        if max_groups is not None and (not _is_int(max_groups) or max_groups < 1):
-            raise ValueError(f"`max_groups` must be an integer >= 1, got {max_groups!r}.")
+        check_int("groups_per_phase", groups_per_phase, minimum=1)
+        if max_groups is not None:
+            check_int("max_groups", max_groups, minimum=1)
         self.every_n_epochs = every_n_epochs
         self.every_n_steps = every_n_steps
         self.epochs = list(epochs) if epochs is not None else None

@@ -9,7 +9,6 @@ touches a model or a Trainer. `tl_plugin.schedule.builders` produces schedules f
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -18,18 +17,12 @@ from typing import Any, Literal
 
 import yaml
 
+from ..checks import check_bool, check_int, check_number
+
 __all__ = ["ALL_GROUPS", "FreezeSchedule", "Phase", "Plateau"]
 
 #: Selector standing for every layer group (not the PEFT adapters).
 ALL_GROUPS = "all"
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _unknown_keys(kind: str, data: Mapping[str, Any], valid: Sequence[str]) -> None:
@@ -60,10 +53,8 @@ class Plateau:
             raise ValueError(f"`metric` must be a metric name such as 'eval_loss', got {self.metric!r}.")
         if self.mode not in ("min", "max"):
             raise ValueError(f"`mode` must be one of 'min', 'max', got {self.mode!r}.")
-        if not _is_int(self.patience) or self.patience < 1:
-            raise ValueError(f"`patience` must be an integer >= 1, got {self.patience!r}.")
-        if not _is_number(self.min_delta) or self.min_delta < 0:
-            raise ValueError(f"`min_delta` must be a number >= 0, got {self.min_delta!r}.")
+        check_int("patience", self.patience, minimum=1)
+        check_number("min_delta", self.min_delta, low=0)
 
     @property
     def metric_key(self) -> str:
@@ -157,10 +148,10 @@ class Phase:
                 "`train` may not name 'adapters': freeze schedules leave PEFT adapter weights as PEFT set them "
                 f"(got {self.train!r})."
             )
-        if self.until_step is not None and (not _is_int(self.until_step) or self.until_step < 1):
-            raise ValueError(f"`until_step` must be an integer >= 1, got {self.until_step!r}.")
-        if self.until_epoch is not None and (not _is_number(self.until_epoch) or self.until_epoch <= 0):
-            raise ValueError(f"`until_epoch` must be a number > 0, got {self.until_epoch!r}.")
+        if self.until_step is not None:
+            check_int("until_step", self.until_step, minimum=1)
+        if self.until_epoch is not None:
+            check_number("until_epoch", self.until_epoch, low=0, include_low=False)
         if self.until_step is not None and self.until_epoch is not None:
             raise ValueError(
                 f"A phase ends at `until_step` or at `until_epoch`, not both (got until_step={self.until_step}, "
@@ -170,16 +161,11 @@ class Phase:
             self.until_plateau = Plateau.from_dict(self.until_plateau)
         if self.until_plateau is not None and not isinstance(self.until_plateau, Plateau):
             raise ValueError(f"`until_plateau` must be a Plateau or a mapping, got {self.until_plateau!r}.")
-        if self.lr is not None and (not _is_number(self.lr) or self.lr <= 0):
-            raise ValueError(f"`lr` must be a number > 0, got {self.lr!r}.")
-        if not isinstance(self.warm_restart, bool):
-            raise ValueError(f"`warm_restart` must be true or false, got {self.warm_restart!r}.")
-        if self.restart_warmup_steps is not None and (
-            not _is_int(self.restart_warmup_steps) or self.restart_warmup_steps < 0
-        ):
-            raise ValueError(
-                f"`restart_warmup_steps` must be an integer >= 0, got {self.restart_warmup_steps!r}."
-            )
+        if self.lr is not None:
+            check_number("lr", self.lr, low=0, include_low=False)
+        check_bool("warm_restart", self.warm_restart)
+        if self.restart_warmup_steps is not None:
+            check_int("restart_warmup_steps", self.restart_warmup_steps, minimum=0)
         if self.name is not None and not isinstance(self.name, str):
             raise ValueError(f"`name` must be a string, got {self.name!r}.")
 
