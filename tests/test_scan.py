@@ -27,6 +27,7 @@ from tiny_models import build_tiny_model  # noqa: E402
 
 import tl_plugin.scan as scan_module  # noqa: E402
 from tl_plugin import TransferConfig, discover_layer_groups  # noqa: E402
+from tl_plugin.app.scan import plot_scan, rank_models  # noqa: E402
 from tl_plugin.cli import main  # noqa: E402
 from tl_plugin.scan import (  # noqa: E402
     LayerScan,
@@ -34,9 +35,7 @@ from tl_plugin.scan import (  # noqa: E402
     ScanConfig,
     collect_layer_features,
     min_examples_per_class,
-    plot_scan,
     probe_accuracy,
-    rank_models,
     recommend,
     resolve_pooling,
     scan_layers,

@@ -1,24 +1,14 @@
 """Layer scan: how well each layer's frozen features suit a task, measured before any fine-tuning.
 
-One batched, no-grad pass over the data collects every layer's pooled features (forward hooks on the block stack
-that `tl_plugin.discovery` finds: the input of the first block, i.e. the embeddings' output, and the output of every
-block). Each layer then gets two scores:
-
-- a **linear probe**: held-out accuracy of a logistic regression (scikit-learn, standardised features, one fixed
-  stratified split and seed);
-- **LogME** (You et al., ICML 2021, "LogME: Practical Assessment of Pre-trained Models for Transfer Learning"): the
-  log of the maximum evidence of a Bayesian linear model of the one-hot labels on the features, per example and
-  averaged over the classes. The prior precision ``alpha`` and noise precision ``beta`` are found by the fixed-point
-  iteration of evidence maximisation, computed through the SVD of the feature matrix.
-
-`recommend` turns the per-layer scores into a `TransferConfig` (a freeze boundary and a strategy) and a learning-rate
-range, with a heuristic rule (see ``docs/layer-scan.md``). Layer ``k`` of a scan (``embeddings`` is 0, ``blocks.i``
-is ``i + 1``) is what a transfer with ``freeze_bottom_blocks=k`` feeds into its first trained block.
-
-Feature pooling follows the model's own head: the pooler output (BERT-like models with a pooler, applied to every
-layer), the first token (RoBERTa, DistilBERT, ViT ...), the last non-padding token (GPT-like decoders), the mean
-over tokens (wav2vec2-like audio models); image feature maps ``(batch, channels, height, width)`` are averaged
-over their spatial positions (the global pool of convolutional models).
+One batched, no-grad pass collects every layer's pooled features (forward hooks on the block stack found by
+`tl_plugin.discovery`: the input of the first block, i.e. the embeddings' output, and every block's output). Each
+layer gets a held-out **linear probe** accuracy (scikit-learn logistic regression, one fixed stratified split) and
+**LogME** (You et al., ICML 2021: the log maximum evidence of a Bayesian linear model of the one-hot labels on the
+features, per example, averaged over the classes; alpha and beta by the fixed-point iteration through the SVD of
+the features). `recommend` turns the scores into a `TransferConfig` and a learning-rate range (a heuristic, see
+``docs/layer-scan.md``). Layer ``k`` (``embeddings`` is 0, ``blocks.i`` is ``i + 1``) is what a transfer with
+``freeze_bottom_blocks=k`` feeds into its first trained block. Pooling follows the model's head (`resolve_pooling`);
+image feature maps ``(batch, channels, height, width)`` are averaged over positions.
 """
 
 from __future__ import annotations
@@ -38,23 +28,10 @@ from .config import TransferConfig
 from .discovery import LayerGroups, discover_layer_groups
 
 __all__ = [
-    "POOLINGS",
-    "LayerScan",
-    "LayerScore",
-    "Recommendation",
-    "ScanConfig",
-    "collect_layer_features",
-    "log_evidence",
-    "logme",
-    "maximize_evidence",
-    "min_examples_per_class",
-    "plot_scan",
-    "probe_accuracy",
-    "rank_models",
-    "recommend",
-    "resolve_pooling",
-    "scan_layers",
-]
+    "POOLINGS", "LayerScan", "LayerScore", "Recommendation", "ScanConfig", "collect_layer_features",
+    "log_evidence", "logme", "maximize_evidence", "min_examples_per_class", "probe_accuracy", "recommend",
+    "resolve_pooling", "scan_layers"
+]  # fmt: skip
 
 #: Pooling choices (``"auto"``: the model's own, see `resolve_pooling`).
 POOLINGS = ("auto", "first", "mean", "last", "pooler")
@@ -77,7 +54,6 @@ MEAN_MODEL_TYPES = frozenset(
 )  # fmt: skip
 
 
-# ================================================================================================ configuration
 @dataclass(frozen=True)
 class ScanConfig:
     """How a layer scan scores the features.
@@ -118,7 +94,6 @@ class ScanConfig:
             object.__setattr__(self, "layers", tuple(self.layers))
 
 
-# ================================================================================================ LogME
 def _svd_terms(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The squared singular values (non-zero ones) of `features` and its left singular vectors."""
     u, s, _ = np.linalg.svd(features, full_matrices=False)
@@ -191,11 +166,8 @@ def maximize_evidence(
     return _fixed_point(s2, u.T @ y, float(y @ y), f.shape[0], f.shape[1], max_iter, tol)
 
 
-#: Starting points of the fixed-point iteration: the prior-to-noise precision ratio alpha / beta, relative to the
-#: mean squared singular value of the features. The evidence can have a second, degenerate maximum (alpha large:
-#: weights ~ 0, "the features explain nothing") whose basin holds a fixed start such as alpha = beta = 1 when the
-#: features are small in scale; starting from several ratios and keeping the highest evidence makes the result
-#: independent of the features' scale.
+#: Starting ratios alpha / beta of the fixed-point iteration, relative to the features' mean squared singular value
+#: (a single start such as alpha = beta = 1 can end in the degenerate maximum "weights ~ 0" on small-scale features).
 START_RATIOS = (1e-6, 1e-4, 1e-2, 1.0, 1e2)
 
 
@@ -266,7 +238,6 @@ def logme(features: np.ndarray, labels: Sequence[int] | np.ndarray) -> float:
     return total / classes.size
 
 
-# ================================================================================================ linear probe
 def min_examples_per_class(test_size: float) -> int:
     """The fewest examples a class needs for the probe's split: 2 on each side of a `test_size` split."""
     return max(4, math.ceil(2 / min(test_size, 1 - test_size)))
@@ -325,7 +296,6 @@ def probe_accuracy(
     return float(probe.score(x_test, y_test))
 
 
-# ================================================================================================ features
 def resolve_pooling(model: nn.Module, pooling: str = "auto") -> str | None:
     """The pooling of `model`'s token features: `pooling` itself when not ``"auto"``, else the model's own head's
     (``"pooler"`` when its base model has a pooler with weights; then by ``config.model_type``). `None` when it
@@ -466,11 +436,8 @@ def collect_layer_features(
 
     handles = [first.register_forward_pre_hook(before_first, with_kwargs=True)]
     for group in groups.blocks:
-        handles.append(
-            modules[group.module_name or ""].register_forward_hook(
-                lambda _m, _a, out, name=group.name: keep(name, out)
-            )
-        )
+        block = modules[group.module_name or ""]
+        handles.append(block.register_forward_hook(lambda _m, _a, out, name=group.name: keep(name, out)))
     labels: list[np.ndarray] = []
     seen = 0
     was_training = model.training
@@ -512,17 +479,10 @@ def collect_layer_features(
     return features, np.concatenate(labels)[:n]
 
 
-# ================================================================================================ the scan
 @dataclass
 class LayerScore:
-    """The scores of one layer.
-
-    Attributes:
-        layer (`str`): ``embeddings`` or ``blocks.<i>``.
-        boundary (`int`): the ``freeze_bottom_blocks`` whose first trained block reads these features.
-        probe_accuracy (`float`): held-out accuracy of the linear probe.
-        logme (`float`): LogME of the features.
-    """
+    """The scores of one layer (``embeddings`` or ``blocks.<i>``): the ``freeze_bottom_blocks`` (`boundary`) whose
+    first trained block reads its features, the held-out linear probe's accuracy and LogME."""
 
     layer: str
     boundary: int
@@ -532,17 +492,9 @@ class LayerScore:
 
 @dataclass
 class LayerScan:
-    """The result of `scan_layers`.
-
-    Attributes:
-        layers (`list[LayerScore]`): one per scanned layer, input side first.
-        num_blocks (`int`): the model's number of blocks.
-        num_examples (`int`), num_classes (`int`), feature_dim (`int`): the scanned data.
-        majority_accuracy (`float`): the accuracy of always predicting the most frequent class.
-        pooling (`str`): the pooling used.
-        forward_seconds (`float`), scoring_seconds (`float`): the wall time of the pass and of the scores.
-        model (`str`, *optional*): a name for the model (e.g. its folder).
-    """
+    """The result of `scan_layers`: one `LayerScore` per scanned layer (input side first), the model's number of
+    blocks, the data scanned (examples, classes, feature size, majority-class accuracy), the pooling, the wall time
+    of the forward pass and of the scores, and a name for the model (e.g. its folder)."""
 
     layers: list[LayerScore]
     num_blocks: int
@@ -554,10 +506,6 @@ class LayerScan:
     forward_seconds: float
     scoring_seconds: float
     model: str | None = None
-
-    @property
-    def seconds(self) -> float:
-        return self.forward_seconds + self.scoring_seconds
 
     def get(self, layer: str) -> LayerScore:
         for score in self.layers:
@@ -651,7 +599,6 @@ def scan_layers(
     )
 
 
-# ================================================================================================ recommendation
 #: Learning-rate ranges by the share of blocks trained (a heuristic; see docs/layer-scan.md).
 LR_RANGES: tuple[tuple[float, tuple[float, float]], ...] = (
     (1.0, (2e-5, 1e-4)),  # everything trained: small steps keep the pretrained weights
@@ -667,16 +614,8 @@ UNINFORMATIVE_MARGIN = 0.05
 
 @dataclass
 class Recommendation:
-    """What `recommend` suggests: a transfer config, a learning-rate range and why.
-
-    Attributes:
-        transfer (`TransferConfig`): the strategy and freeze boundary.
-        boundary (`int`): the number of bottom blocks frozen (0: none).
-        learning_rate_range (`tuple[float, float]`): a range to try (or to search).
-        combined_scores (`dict[str, float]`): the per-layer score the rule used (probe and LogME, each scaled to
-            0..1 over the layers, averaged).
-        reasons (`list[str]`): the rule's steps, in words.
-    """
+    """What `recommend` suggests: the `TransferConfig`, its boundary (bottom blocks frozen, 0: none), a learning-rate
+    range to try or search, the per-layer combined scores the rule used, and the rule's steps in words."""
 
     transfer: TransferConfig
     boundary: int
@@ -776,59 +715,3 @@ def recommend(scan: LayerScan) -> Recommendation:
         else TransferConfig(strategy="layers", freeze_bottom_blocks=boundary)
     )
     return Recommendation(transfer, boundary, lr_range, combined, reasons)
-
-
-# ================================================================================================ several models
-def rank_models(scans: Mapping[str, LayerScan]) -> list[tuple[str, LayerScore]]:
-    """Models ranked by the LogME of their last scanned layer (then its probe accuracy), best first.
-
-    All scans must be of the same data: the same number of examples and classes (an error names the odd one).
-    """
-    if not scans:
-        raise ValueError("No scans to rank.")
-    reference_name, reference = next(iter(scans.items()))
-    for model, scan in scans.items():
-        if (scan.num_examples, scan.num_classes) != (reference.num_examples, reference.num_classes):
-            raise ValueError(
-                f"The scan of {model} has {scan.num_examples} examples of {scan.num_classes} classes, the scan of "
-                f"{reference_name} {reference.num_examples} of {reference.num_classes}: rank scans of the same data."
-            )
-    last = [(model, scan.layers[-1]) for model, scan in scans.items()]
-    return sorted(last, key=lambda item: (item[1].logme, item[1].probe_accuracy), reverse=True)
-
-
-# ================================================================================================ plot
-def plot_scan(scan: LayerScan, path: str | Path, recommendation: Recommendation | None = None) -> Path:
-    """Draw probe accuracy and LogME by layer (two panels sharing the layer axis) to a PNG; marks the recommended
-    boundary when given."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    names = [s.layer for s in scan.layers]
-    x = list(range(len(names)))
-    fig, (top, bottom) = plt.subplots(2, 1, sharex=True, figsize=(max(5.0, 0.75 * len(names) + 2), 5.5))
-    top.plot(x, [s.probe_accuracy for s in scan.layers], marker="o", color="tab:blue", label="linear probe")
-    top.axhline(scan.majority_accuracy, color="grey", linestyle=":", label="majority class")
-    top.set_ylabel("held-out accuracy")
-    bottom.plot(x, [s.logme for s in scan.layers], marker="s", color="tab:orange")
-    bottom.set_ylabel("LogME (higher is better)")
-    bottom.set_xticks(x, names, rotation=30, ha="right")
-    bottom.set_xlabel("features after layer (input side left)")
-    if recommendation is not None and recommendation.boundary in [s.boundary for s in scan.layers]:
-        at = [s.boundary for s in scan.layers].index(recommendation.boundary)
-        for ax in (top, bottom):
-            ax.axvline(at, color="tab:green", linestyle="--")
-        top.plot([], [], color="tab:green", linestyle="--", label=f"recommended boundary ({recommendation.boundary})")
-    top.legend(loc="best", fontsize="small")
-    for ax in (top, bottom):
-        ax.grid(alpha=0.3)
-    title = f"Layer scan: {scan.num_examples} examples, {scan.num_classes} classes, pooling {scan.pooling}"
-    fig.suptitle(title if scan.model is None else f"{title}\n{scan.model}", fontsize="medium")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path

@@ -13,15 +13,19 @@ import json
 import os
 import shlex
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .arguments import DataArguments, ModelArguments
 from .errors import UsageError
 from .parser import CommandParser
 
-__all__ = ["ScanArguments", "build_scan_parser", "run_scan"]
+if TYPE_CHECKING:
+    from ..scan import LayerScan, LayerScore, Recommendation
+
+__all__ = ["ScanArguments", "build_scan_parser", "plot_scan", "rank_models", "run_scan"]
 
 DESCRIPTION = (
     "Score each layer's frozen features on your data (held-out linear probe and LogME) in one forward pass, and "
@@ -133,7 +137,7 @@ def run_scan(argv: list[str]) -> dict[str, Any]:
     """Run ``tl-plugin scan`` with `argv`; returns what it wrote to ``scan.json`` (or ``ranking.json``)."""
     import transformers
 
-    from ..scan import ScanConfig, plot_scan, rank_models, recommend
+    from ..scan import ScanConfig, recommend
     from .train import load_task_data
 
     (model_args, data_args, scan_args), namespace = build_scan_parser().parse(argv)
@@ -219,3 +223,57 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     os.replace(tmp, path)
+
+
+def rank_models(scans: Mapping[str, LayerScan]) -> list[tuple[str, LayerScore]]:
+    """Models ranked by the LogME of their last scanned layer (then its probe accuracy), best first.
+
+    All scans must be of the same data: the same number of examples and classes (an error names the odd one).
+    """
+    if not scans:
+        raise ValueError("No scans to rank.")
+    reference_name, reference = next(iter(scans.items()))
+    for model, scan in scans.items():
+        if (scan.num_examples, scan.num_classes) != (reference.num_examples, reference.num_classes):
+            raise ValueError(
+                f"The scan of {model} has {scan.num_examples} examples of {scan.num_classes} classes, the scan of "
+                f"{reference_name} {reference.num_examples} of {reference.num_classes}: rank scans of the same data."
+            )
+    last = [(model, scan.layers[-1]) for model, scan in scans.items()]
+    return sorted(last, key=lambda item: (item[1].logme, item[1].probe_accuracy), reverse=True)
+
+
+def plot_scan(scan: LayerScan, path: str | Path, recommendation: Recommendation | None = None) -> Path:
+    """Draw probe accuracy and LogME by layer (two panels sharing the layer axis) to a PNG; marks the recommended
+    boundary when given."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    names = [s.layer for s in scan.layers]
+    x = list(range(len(names)))
+    fig, (top, bottom) = plt.subplots(2, 1, sharex=True, figsize=(max(5.0, 0.75 * len(names) + 2), 5.5))
+    top.plot(x, [s.probe_accuracy for s in scan.layers], marker="o", color="tab:blue", label="linear probe")
+    top.axhline(scan.majority_accuracy, color="grey", linestyle=":", label="majority class")
+    top.set_ylabel("held-out accuracy")
+    bottom.plot(x, [s.logme for s in scan.layers], marker="s", color="tab:orange")
+    bottom.set_ylabel("LogME (higher is better)")
+    bottom.set_xticks(x, names, rotation=30, ha="right")
+    bottom.set_xlabel("features after layer (input side left)")
+    if recommendation is not None and recommendation.boundary in [s.boundary for s in scan.layers]:
+        at = [s.boundary for s in scan.layers].index(recommendation.boundary)
+        for ax in (top, bottom):
+            ax.axvline(at, color="tab:green", linestyle="--")
+        top.plot([], [], color="tab:green", linestyle="--", label=f"recommended boundary ({recommendation.boundary})")
+    top.legend(loc="best", fontsize="small")
+    for ax in (top, bottom):
+        ax.grid(alpha=0.3)
+    title = f"Layer scan: {scan.num_examples} examples, {scan.num_classes} classes, pooling {scan.pooling}"
+    fig.suptitle(title if scan.model is None else f"{title}\n{scan.model}", fontsize="medium")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
