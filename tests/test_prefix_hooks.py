@@ -132,7 +132,7 @@ def test_a_patch_on_top_of_ours_is_left_in_place_with_a_warning(caplog: pytest.L
         return inner(x) + 1
 
     layer.forward = on_top
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.WARNING, logger="tl_plugin.prefix.hooks"):
         remove_hook(layer, hook)
     assert "replaced after tl_plugin's hooks were added" in caplog.text
     assert layer.__dict__["forward"] is on_top

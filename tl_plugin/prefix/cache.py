@@ -67,7 +67,8 @@ from .store import (
 )
 from .verify import check_split, stored_difference
 
-logger = logging.getLogger(__name__)
+# The logger keeps the name it had before the move to tl_plugin.prefix, for anyone filtering on it.
+logger = logging.getLogger("tl_plugin.cache")
 
 __all__ = ["ActivationCache", "ActivationCacheCallback"]
 

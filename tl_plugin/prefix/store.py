@@ -33,7 +33,8 @@ import torch
 
 from .rows import RowIndex
 
-logger = logging.getLogger(__name__)
+# The logger keeps the name it had before the move to tl_plugin.prefix, for anyone filtering on it.
+logger = logging.getLogger("tl_plugin.cache")
 
 __all__ = [
     "CACHE_FORMAT_VERSION",
