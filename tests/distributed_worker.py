@@ -125,6 +125,13 @@ def _scenarios(TransferConfig: Any) -> dict[str, Any]:  # noqa: N803 - a class p
             Trainer,
         ),
         "gradual": lambda m: ([GradualUnfreezingCallback(every_n_epochs=1)], unused, Trainer),
+        # tests/test_restore_best.py: phase 0 ends after epoch 1 (4 steps a rank), evaluated at steps 2 and 4;
+        # "max" restores the step-2 weights (the loss falls), which the ranks must load identically
+        "gradual_restore_best": lambda m: (
+            [GradualUnfreezingCallback(every_n_epochs=1, restore_best="loss", restore_best_mode="max")],
+            {**unused, "eval_strategy": "steps", "eval_steps": 2},
+            Trainer,
+        ),
         "gradual_unsafe": lambda m: (
             [GradualUnfreezingCallback(every_n_epochs=1)],
             {"ddp_find_unused_parameters": False},
@@ -213,7 +220,7 @@ def main() -> int:
     model = tiny_bert(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0) if cached else tiny_bert()
     cache: Any = None
     trainer: Any = None
-    seen: dict[str, Any] = {"steps": 0, "first_batch": None, "wrapped": None}
+    seen: dict[str, Any] = {"steps": 0, "first_batch": None, "wrapped": None, "restored": []}
     try:
         if cached:
             trainer_kwargs, context, cache = build_cache_scenario(options.scenario, model, out / "cache")
@@ -222,6 +229,8 @@ def main() -> int:
         else:
             callbacks, extra_args, trainer_cls = build_scenario(options.scenario, model)
             trainer_kwargs = {"model": model, "train_dataset": RandomTokens(), "callbacks": callbacks}
+            if extra_args.get("eval_strategy", "no") != "no":
+                trainer_kwargs["eval_dataset"] = RandomTokens(16)
             context = contextlib.nullcontext
         arguments: dict[str, Any] = {"use_cpu": True, "ddp_backend": "gloo", **extra_args}
         args = TrainingArguments(
@@ -238,6 +247,14 @@ def main() -> int:
             def on_train_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
                 for name, param in kwargs["model"].named_parameters():
                     start[name] = digest(param)
+
+            def on_step_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
+                # right after a tl_plugin callback restored a phase's best weights (restore_best): what it loaded
+                for callback in trainer.callback_handler.callbacks:
+                    for event in getattr(callback, "events", []):
+                        if "tl/restored_best_step" in event and event["step"] == state.global_step:
+                            weights = {n: digest(p) for n, p in kwargs["model"].named_parameters()}
+                            seen["restored"].append({**event, "weights": weights})
 
             def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
                 # what the Trainer really trains: DDP(model) under DDP, the bare model otherwise
@@ -283,6 +300,7 @@ def main() -> int:
         "wrapped": seen["wrapped"],
         "first_batch": seen["first_batch"],
         "training_steps": seen["steps"],
+        "restored": seen["restored"],
     }
     if options.scenario in MULTI_NODE_SCENARIOS:
         result["node"] = {

@@ -45,6 +45,8 @@ class FreezeScheduleCallback(PhasedCallback):
 
     Args:
         schedule (`FreezeSchedule`, `dict`, or a path to a YAML file): the schedule.
+        restore_best (`str`, *optional*), restore_best_mode (`str`, *optional*, defaults to ``"min"``): when a
+            phase ends, reload its best evaluation's weights by this metric first (see `PhasedCallback`).
 
     Example:
 
@@ -76,9 +78,15 @@ class FreezeScheduleCallback(PhasedCallback):
     ```
     """
 
-    def __init__(self, schedule: FreezeSchedule | Mapping[str, Any] | str | os.PathLike[str]) -> None:
+    def __init__(
+        self,
+        schedule: FreezeSchedule | Mapping[str, Any] | str | os.PathLike[str],
+        *,
+        restore_best: str | None = None,
+        restore_best_mode: str = "min",
+    ) -> None:
         builder = FixedSchedule(schedule)
-        super().__init__(builder)
+        super().__init__(builder, restore_best=restore_best, restore_best_mode=restore_best_mode)
         self.schedule = builder.schedule
 
 
@@ -103,6 +111,8 @@ class GradualUnfreezingCallback(PhasedCallback):
         max_groups (`int`, *optional*): unfreeze at most this many groups in all (e.g. keep the embeddings frozen).
         blocks (`str` or `list[str]`, *optional*): block-stack override for layer discovery.
         head (`list[str]`, *optional*): head override for layer discovery.
+        restore_best (`str`, *optional*), restore_best_mode (`str`, *optional*, defaults to ``"min"``): when a
+            phase ends, reload its best evaluation's weights by this metric first (see `PhasedCallback`).
 
     Example:
 
@@ -143,6 +153,8 @@ class GradualUnfreezingCallback(PhasedCallback):
         max_groups: int | None = None,
         blocks: str | list[str] | None = None,
         head: list[str] | None = None,
+        restore_best: str | None = None,
+        restore_best_mode: str = "min",
     ) -> None:
         super().__init__(
             GradualUnfreezing(
@@ -154,7 +166,9 @@ class GradualUnfreezingCallback(PhasedCallback):
                 max_groups=max_groups,
                 blocks=blocks,
                 head=head,
-            )
+            ),
+            restore_best=restore_best,
+            restore_best_mode=restore_best_mode,
         )
 
     @property
@@ -184,6 +198,8 @@ class LinearProbeThenFineTuneCallback(PhasedCallback):
         restart_warmup_steps (`int`, *optional*): warmup of the restarted schedule (default: the args' warmup).
         blocks (`str` or `list[str]`, *optional*): block-stack override for layer discovery.
         head (`list[str]`, *optional*): head override for layer discovery.
+        restore_best (`str`, *optional*), restore_best_mode (`str`, *optional*, defaults to ``"min"``): when a
+            phase ends, reload its best evaluation's weights by this metric first (see `PhasedCallback`).
 
     Example:
 
@@ -226,6 +242,9 @@ class LinearProbeThenFineTuneCallback(PhasedCallback):
         restart_warmup_steps: int | None = None,
         blocks: str | list[str] | None = None,
         head: list[str] | None = None,
+        *,
+        restore_best: str | None = None,
+        restore_best_mode: str = "min",
     ) -> None:
         super().__init__(
             LinearProbeThenFineTune(
@@ -239,7 +258,9 @@ class LinearProbeThenFineTuneCallback(PhasedCallback):
                 restart_warmup_steps,
                 blocks,
                 head,
-            )
+            ),
+            restore_best=restore_best,
+            restore_best_mode=restore_best_mode,
         )
 
     @property
