@@ -135,3 +135,13 @@ def test_lr_segments_splits_a_group_refrozen_in_the_middle():
     segments = lr_segments(history)
     assert [steps for steps, _ in segments["blocks.0"]] == [[0, 1], [4]]
     assert [steps for steps, _ in segments["head"]] == [[0, 1, 2, 3, 4]]
+
+
+def test_plotting_docstring_examples_run():
+    import doctest
+
+    import tl_plugin.plotting
+
+    result = doctest.testmod(tl_plugin.plotting, verbose=False, report=True)
+    assert result.attempted > 0
+    assert result.failed == 0

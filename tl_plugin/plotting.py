@@ -75,6 +75,21 @@ def lr_segments(history: TrainingHistory) -> dict[str, list[tuple[list[int], lis
     Returns:
         `dict[str, list[tuple[list[int], list[float]]]]`: for each label, its stretches as (steps, lrs), in order;
         an empty list for a group that never learns.
+
+    Example:
+
+    ```python
+    >>> from tl_plugin.callbacks.history import TrainingHistory
+    >>> from tl_plugin.plotting import lr_segments
+    >>> history = TrainingHistory(
+    ...     groups=["blocks.0", "head"], steps=[0, 1, 2],
+    ...     trainable_fraction=[{"blocks.0": 0.0, "head": 1.0}] + [{"blocks.0": 1.0, "head": 1.0}] * 2,
+    ...     lrs=[{"blocks.0": 1e-4, "head": 1e-3}] * 3,
+    ... )
+    >>> lr_segments(history)  # blocks.0 is frozen at step 0: its line starts at step 1
+    {'head': [([0, 1, 2], [0.001, 0.001, 0.001])], 'blocks.0': [([1, 2], [0.0001, 0.0001])]}
+
+    ```
     """
     seen = {label for row in history.lrs for label in row}
     labels = [g for g in reversed(history.groups) if g in seen] + sorted(seen - set(history.groups))
