@@ -186,3 +186,22 @@ def test_under_ddp_every_rank_loads_the_same_best_weights(tmp_path: Path):
     assert rank0[0]["tl/restored_best_step"] == 2  # "max": the higher loss of the two evaluations
     for key in ("step", "tl/restored_best_step", "tl/restored_best_value", "weights"):
         assert rank0[0][key] == rank1[0][key], key
+
+
+def test_the_saved_arguments_rebuild_the_callback_with_its_restore_best():
+    # `restore_callback_states_from_checkpoint=True` rebuilds each callback as `type(cb)(**state["args"])`
+    from tl_plugin import TransferConfig
+    from tl_plugin.callbacks import GradualUnfreezingCallback, TransferCallback
+
+    for callback in (
+        FreezeScheduleCallback(SCHEDULE, restore_best="loss", restore_best_mode="max"),
+        GradualUnfreezingCallback(every_n_steps=2, restore_best="eval_accuracy"),
+        LinearProbeThenFineTuneCallback(probe_steps=3, restore_best="loss", restore_best_mode="max"),
+    ):
+        rebuilt = type(callback)(**callback.state()["args"])
+        assert (rebuilt.restore_best, rebuilt.restore_best_mode) == (
+            callback.restore_best,
+            callback.restore_best_mode,
+        )
+    # without restore_best the saved arguments are what they were (TransferCallback takes no restore_best)
+    assert "restore_best" not in TransferCallback(TransferConfig(strategy="full")).state()["args"]
