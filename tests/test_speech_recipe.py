@@ -3,7 +3,7 @@
 The end-to-end test runs ``--quick`` (3 words, 3 training voices and 2 held-out voices, one accent, 32x32 log-mel,
 one epoch; four real `transformers.Trainer` runs of EfficientNet-Lite0): the split has no voice in common, the
 results file holds an accuracy per variant, the linear probe leaves every frozen tensor as it was, and a re-run
-reuses the cached WAVs and the finished variants. About 20 s on 2 idle cores.
+reuses the cached WAVs and the finished variants. 22-34 s measured on 2 shared cores (load 6-7).
 
 Needs the program ``espeak-ng``; without it the tests that synthesise skip, unless ``TL_PLUGIN_REQUIRE_ESPEAK=1``
 (then they fail). The missing-program message is tested without it.
