@@ -30,6 +30,9 @@ $(VENV)/.base: pyproject.toml constraints.txt
 
 $(VENV)/.dev: $(VENV)/.base
 	$(PIP) install --quiet -c constraints.txt -e ".[all]"
+	# resemblyzer's speaker-encoder weights (recipes/speech_commands.py and its tests read only that file): without
+	# its dependencies, whose webrtcvad would need a C build
+	$(PIP) install --quiet --no-deps -c constraints.txt resemblyzer
 	touch $@
 
 setup: $(VENV)/.base
