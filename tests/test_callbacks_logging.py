@@ -114,3 +114,28 @@ def test_the_level_follows_log_level_and_the_transformers_verbosity(tmp_path: Pa
         assert level() == "DEBUG"
     finally:
         transformers.logging.set_verbosity(before)
+
+
+def test_only_the_events_logger_follows_and_a_level_set_by_the_user_is_left_alone(tmp_path: Path):
+    from tl_plugin.callbacks.base import EVENTS_LOGGER, follow_trainer_logging
+
+    events, library = logging.getLogger(EVENTS_LOGGER), logging.getLogger("tl_plugin")
+    saved = (events.level, library.level)
+    try:
+        events.setLevel(logging.NOTSET)
+        library.setLevel(logging.NOTSET)
+        follow_trainer_logging(TrainingArguments(str(tmp_path), report_to="none", log_level="error"))
+        assert events.level == logging.ERROR
+        assert library.level == logging.NOTSET  # the plugin's warnings are left to Python's logging
+        follow_trainer_logging(TrainingArguments(str(tmp_path), report_to="none", log_level="info"))
+        assert events.level == logging.INFO  # a level it set itself follows the next run
+        events.setLevel(logging.DEBUG)  # the user's
+        follow_trainer_logging(TrainingArguments(str(tmp_path), report_to="none", log_level="error"))
+        assert events.level == logging.DEBUG
+        events.setLevel(logging.NOTSET)
+        library.setLevel(logging.WARNING)  # the user configured the library's logger: events inherit it
+        follow_trainer_logging(TrainingArguments(str(tmp_path), report_to="none", log_level="info"))
+        assert events.level == logging.NOTSET
+    finally:
+        events.setLevel(saved[0])
+        library.setLevel(saved[1])

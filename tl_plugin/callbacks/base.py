@@ -22,9 +22,9 @@ Every tl_plugin callback also refuses, before the first training step, a run lau
 Trainer would not wrap in DistributedDataParallel (:func:`tl_plugin.distributed.check_ddp_will_wrap`): the check
 runs at ``on_init_end`` and ``on_train_begin``, also in subclasses that override those events.
 
-The ``tl_plugin`` logger follows the Trainer's logging (:func:`follow_trainer_logging`, at the same two events):
-a script that configures no logging still shows the trainable-parameter table and the freeze events, and
-``TrainingArguments(log_level="error")`` silences them.
+The callbacks' events logger (``tl_plugin.events``) follows the Trainer's logging (:func:`follow_trainer_logging`,
+at the same two events): a script that configures no logging still shows the trainable-parameter table and the
+freeze events, and ``TrainingArguments(log_level="error")`` silences them.
 """
 
 from __future__ import annotations
@@ -44,8 +44,14 @@ from ..distributed import check_ddp_will_wrap, is_distributed
 
 logger = logging.getLogger("tl_plugin")
 
-# What `follow_trainer_logging` last did to the `tl_plugin` logger: the level it set (a level set by anyone else is
-# left alone) and the handler it added (when nothing else would print the logger's records).
+#: The logger of the callbacks' events (phase changes with the trainable-parameter table, restores, plateaus): a
+#: child of ``tl_plugin`` whose level follows the Trainer's logging (`follow_trainer_logging`). Warnings go to
+#: ``tl_plugin`` itself and are left to Python's logging.
+EVENTS_LOGGER = "tl_plugin.events"
+event_logger = logging.getLogger(EVENTS_LOGGER)
+
+# What `follow_trainer_logging` last did to the events logger: the level it set (a level set by anyone else, on it
+# or on ``tl_plugin``, is left alone) and the handler it added (when nothing else would print its records).
 _followed: dict[str, Any] = {"level": None, "handler": None}
 
 #: The attribute, in an `ExportableState` callback's exported state, that names its `conflict_key`.
@@ -108,7 +114,7 @@ class TLCallback(TrainerCallback):
         self.events.append(event)
         if not state.is_world_process_zero:
             return
-        logger.info("[step %s] %s", state.global_step, message)
+        event_logger.info("[step %s] %s", state.global_step, message)
         if not metrics:
             return
         trainer = self.trainer
@@ -162,7 +168,7 @@ def _check_reporting(callback: TLCallback, args: TrainingArguments) -> None:
 
 
 def tl_log_level(args: TrainingArguments) -> int:
-    """The level of the ``tl_plugin`` logger in a run of `args`, on this process.
+    """The level of the callbacks' events logger (``tl_plugin.events``) in a run of `args`, on this process.
 
     ``args.get_process_log_level()`` (``log_level`` on the main process, ``log_level_replica`` on the others; the
     ``transformers.logging`` verbosity where that is ``"passive"``), except that on the main process a run which
@@ -189,24 +195,25 @@ def tl_log_level(args: TrainingArguments) -> int:
 
 
 def follow_trainer_logging(args: TrainingArguments) -> None:
-    """Make the ``tl_plugin`` logger follow the Trainer's logging for a run of `args`.
+    """Make the callbacks' events logger (``tl_plugin.events``: the trainable-parameter table, the phase changes)
+    follow the Trainer's logging for a run of `args`.
 
-    Sets the logger's level to :func:`tl_log_level` (unless you set a level on it yourself, which is left alone),
-    and, when no handler would print its records (a script that configures no logging: Python would only print
-    warnings), gives it one that writes to stderr, like ``transformers.logging``'s own. Called by every tl_plugin
-    callback at ``on_init_end`` and ``on_train_begin``, and by `TransferTrainer`.
+    Sets its level to :func:`tl_log_level` (unless you set a level on it or on the ``tl_plugin`` logger yourself:
+    that is left alone), and, when no handler would print its records (a script that configures no logging: Python
+    would only print warnings), gives it one that writes to stderr, like ``transformers.logging``'s own. Called by
+    every tl_plugin callback at ``on_init_end`` and ``on_train_begin``, and by `TransferTrainer`.
     """
     if not callable(getattr(args, "get_process_log_level", None)):
         return  # not a `TrainingArguments` (a stand-in holding only what a check reads): nothing to follow
-    tl_logger = logging.getLogger("tl_plugin")
-    if tl_logger.level in (logging.NOTSET, _followed["level"]):
+    ours = event_logger.level in (logging.NOTSET, _followed["level"])
+    if ours and logging.getLogger("tl_plugin").level == logging.NOTSET:
         level = tl_log_level(args)
-        tl_logger.setLevel(level)
+        event_logger.setLevel(level)
         _followed["level"] = level
-    if _followed["handler"] is None and not tl_logger.hasHandlers():
+    if _followed["handler"] is None and not event_logger.hasHandlers():
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("[tl_plugin] %(message)s"))
-        tl_logger.addHandler(handler)
+        event_logger.addHandler(handler)
         _followed["handler"] = handler
 
 

@@ -61,6 +61,7 @@ from .base import (
     TLCallback,
     check_no_conflicts_in_state,
     checkpoint_folder,
+    event_logger,
     optimizer_parameter_ids,
     require_find_unused_parameters,
     unwrap_scheduler,
@@ -322,7 +323,7 @@ class PhasedCallback(TLCallback, ExportableState):
             seed = args.seed  # the same on every process
         changed = reinitialize(model, to_reinit, seed=seed)
         self._reinitialized_ref = weakref.ref(model)
-        logger.info("Re-initialised %d parameters in %s", len(changed), [g.name for g in to_reinit])
+        event_logger.info("Re-initialised %d parameters in %s", len(changed), [g.name for g in to_reinit])
 
     # ------------------------------------------------------------------ checks at train begin
     def _steps_per_epoch(self, args: TrainingArguments, dataloader: Any) -> int | None:
