@@ -108,6 +108,13 @@ def train_command(argv: list[str], learning_rate: float) -> str:
     return shlex.join(["tl-plugin", "train", *kept, "--learning_rate", f"{learning_rate:.2e}"])
 
 
+def _model_name(path: str) -> str:
+    """A readable name for the plot: the folder's name, or its parent's for a bare ``model`` folder (the bundled
+    MiniLM's package keeps its weights in one)."""
+    folder = Path(path)
+    return folder.parent.name if folder.name in ("model", "") and folder.parent.name else folder.name
+
+
 def run_lr_find(argv: list[str]) -> dict[str, Any]:
     """Run ``tl-plugin lr-find`` with `argv`; returns what ``lr_find.json`` holds."""
     import transformers
@@ -158,7 +165,7 @@ def run_lr_find(argv: list[str]) -> dict[str, Any]:
         strategy = options.transfer.strategy
         plot = result.plot(
             out / "lr_find.png",
-            title=f"Learning-rate range test: {Path(prepared.model_path).name}, strategy {strategy} "
+            title=f"Learning-rate range test: {_model_name(prepared.model_path)}, strategy {strategy} "
             f"({prepared.trainable.percent:.0f}% trainable)",
         )
         tmp = out / "lr_find.json.tmp"
