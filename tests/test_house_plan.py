@@ -4,7 +4,7 @@ module longer than about 700 lines, no frame inspection, and every module is nam
 A *unit* is a top-level module or sub-package of `tl_plugin` (``tl_plugin.callbacks``, ``tl_plugin.optim``). The
 ranks below are the floors of docs/design.md, lowest first; a unit may import its own modules and any unit of a lower
 floor, never one of the same or a higher floor. The applications (``app``, ``cli``, ``data``, ``tune``) count as one
-unit. Imports inside functions count too.
+unit. Imports inside functions count too; imports under ``if TYPE_CHECKING:`` (annotations only) do not.
 """
 
 from __future__ import annotations
@@ -57,7 +57,17 @@ def imports_of(path: Path) -> set[str]:
     name = module_name(path).split(".")
     package = name if path.name == "__init__.py" else name[:-1]
     found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    tree = ast.parse(path.read_text())
+    type_only = {
+        id(inner)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+        for statement in node.body
+        for inner in ast.walk(statement)
+    }  # imports for type annotations only: never run
+    for node in ast.walk(tree):
+        if id(node) in type_only:
+            continue
         if isinstance(node, ast.ImportFrom):
             base = package[: len(package) - node.level + 1] if node.level else []
             module = ".".join([*base, *(node.module.split(".") if node.module else [])])

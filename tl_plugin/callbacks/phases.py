@@ -44,7 +44,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_callback import ExportableState
@@ -66,7 +65,9 @@ from .base import (
     require_find_unused_parameters,
     unwrap_scheduler,
 )
+from .best_of_phase import BEST_OF_PHASE_FILE, BestOfPhase
 from .lr import ensure_layerwise_optimizer, install_layerwise_optimizer
+from .warm_restarts import fresh_lr_lambda, stitched_lr_lambda
 
 logger = logging.getLogger("tl_plugin")
 
@@ -74,8 +75,6 @@ __all__ = ["BEST_OF_PHASE_FILE", "SCHEDULE_STATE_FILE", "PhasedCallback"]
 
 #: The file, in each checkpoint folder, holding the schedule state (phase, trainable parameter names).
 SCHEDULE_STATE_FILE = "tl_plugin_schedule.json"
-#: The file, in each checkpoint folder, holding the best weights so far of the current phase (``restore_best``).
-BEST_OF_PHASE_FILE = "tl_best_of_phase.safetensors"
 _STATE_VERSION = 1
 
 
@@ -111,43 +110,6 @@ def _payload_from_state(state: TrainerState, name: str) -> dict[str, Any] | None
     return payload if isinstance(payload, dict) else None
 
 
-def _fresh_lr_lambda(args: TrainingArguments, num_training_steps: int, warmup: int) -> Callable[[int], float]:
-    """The lr function of a fresh scheduler of ``args.lr_scheduler_type`` over `num_training_steps` steps."""
-    from transformers import get_scheduler
-
-    dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-    scheduler = get_scheduler(
-        args.lr_scheduler_type,
-        optimizer=dummy,
-        num_warmup_steps=warmup,
-        num_training_steps=num_training_steps,
-        scheduler_specific_kwargs=args.lr_scheduler_kwargs
-        if isinstance(args.lr_scheduler_kwargs, dict)
-        else {},
-    )
-    if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
-        raise ValueError(
-            f"A warm restart needs an lr schedule given by a function of the step; `lr_scheduler_type`="
-            f"{args.lr_scheduler_type!r} is not one (use linear, cosine, constant_with_warmup, polynomial, ...)."
-        )
-    return scheduler.lr_lambdas[0]
-
-
-def _piecewise(
-    original: Callable[[int], float], restarts: list[tuple[int, Callable[[int], float]]]
-) -> Callable[[int], float]:
-    if not restarts:
-        return original
-
-    def lr_lambda(step: int) -> float:
-        for start, fresh in reversed(restarts):
-            if step >= start:
-                return fresh(step - start)
-        return original(step)
-
-    return lr_lambda
-
-
 class PhasedCallback(TLCallback, ExportableState):
     """The phase engine shared by the freeze-schedule callbacks (see the module docstring).
 
@@ -163,12 +125,6 @@ class PhasedCallback(TLCallback, ExportableState):
 
     conflict_key = "trainability"
 
-    # restore_best: the best evaluation of the current phase so far (its phase, value, step, and weights)
-    _bop_weights: dict[str, torch.Tensor] | None
-    _bop_phase: int
-    _bop_value: float | None
-    _bop_step: int | None
-
     def __init__(
         self, builder: ScheduleBuilder, *, restore_best: str | None = None, restore_best_mode: str = "min"
     ) -> None:
@@ -177,18 +133,13 @@ class PhasedCallback(TLCallback, ExportableState):
             raise ValueError(
                 f"`builder` must be a tl_plugin.schedule.ScheduleBuilder, got {type(builder).__name__}."
             )
-        if restore_best is not None and (not isinstance(restore_best, str) or not restore_best):
-            raise ValueError(
-                f"`restore_best` must be the name of an evaluation metric such as 'eval_loss', or None, got "
-                f"{restore_best!r}."
-            )
         self.restore_best = restore_best
         self.restore_best_mode = check_choice("restore_best_mode", restore_best_mode, ("min", "max"))
-        self._best_key = (
-            None if restore_best is None or restore_best.startswith("eval_") else f"eval_{restore_best}"
-        ) or restore_best
+        # restore_best: the best evaluation of the current phase so far (its phase, value, step, and weights)
+        self._best_of_phase = (
+            None if restore_best is None else BestOfPhase(type(self).__name__, restore_best, restore_best_mode)
+        )
         self._model_ref: weakref.ReferenceType[nn.Module] | None = None
-        self._clear_best_of_phase()
         self.builder = builder
         self._compiled: _Compiled | None = None
         self._prepared_ref: weakref.ReferenceType[nn.Module] | None = None
@@ -397,9 +348,7 @@ class PhasedCallback(TLCallback, ExportableState):
             "base_lrs": self._base_lrs,
             "best": self._best,
             "bad": self._bad,
-            "best_of_phase": {"phase": self._bop_phase, "value": self._bop_value, "step": self._bop_step}
-            if self.restore_best is not None and self._bop_weights is not None
-            else None,
+            "best_of_phase": self._best_of_phase.payload() if self._best_of_phase is not None else None,
         }
 
     def state(self) -> dict[str, Any]:
@@ -457,18 +406,8 @@ class PhasedCallback(TLCallback, ExportableState):
         self._bad = int(payload.get("bad", 0))
         self._saved_phase = int(payload.get("phase", -1))
         best_of_phase = payload.get("best_of_phase")
-        if self.restore_best is not None and isinstance(best_of_phase, dict):
-            path = Path(checkpoint_folder(args, state)) / BEST_OF_PHASE_FILE
-            if not path.is_file():
-                raise ValueError(
-                    f"{type(self).__name__}: the checkpoint's schedule state has a best evaluation of phase "
-                    f"{best_of_phase.get('phase')} (restore_best={self.restore_best!r}) but no {path}: was the "
-                    f"checkpoint copied without it?"
-                )
-            self._bop_weights = load_file(str(path))  # every rank reads the same file: the same weights
-            self._bop_phase = int(best_of_phase["phase"])
-            self._bop_value = float(best_of_phase["value"])
-            self._bop_step = int(best_of_phase["step"])
+        if self._best_of_phase is not None and isinstance(best_of_phase, dict):
+            self._best_of_phase.load(best_of_phase, checkpoint_folder(args, state))
 
     # ------------------------------------------------------------------ phases
     def _resolve(self, state: TrainerState) -> int:
@@ -506,7 +445,7 @@ class PhasedCallback(TLCallback, ExportableState):
         for j in range(max(self._phase + 1, 1), k + 1):
             self._started_at.setdefault(j, state.global_step)
         ended = self._saved_phase if resumed else self._phase
-        if self.restore_best is not None and 0 <= ended < k:
+        if self._best_of_phase is not None and 0 <= ended < k:
             self._restore_best_of_phase(ended, k, state)
         trainable = self._compiled.trainable[k]
         for name, param in self._params.items():
@@ -520,69 +459,19 @@ class PhasedCallback(TLCallback, ExportableState):
         self._log_phase(state, resumed)
 
     # ------------------------------------------------------------------ best of phase (restore_best)
-    def _clear_best_of_phase(self) -> None:
-        self._bop_weights = None
-        self._bop_phase = -1
-        self._bop_value = None
-        self._bop_step = None
-
-    def _check_restore_best(self, args: TrainingArguments) -> None:
-        if (
-            self.restore_best is not None
-            and str(getattr(args.eval_strategy, "value", args.eval_strategy)) == "no"
-        ):
-            raise ValueError(
-                f"{type(self).__name__}(restore_best={self.restore_best!r}) restores each phase's best evaluation, "
-                f"but the run does not evaluate (`TrainingArguments.eval_strategy`='no'): set eval_strategy='steps' "
-                f"(with eval_steps no longer than the shortest phase) or 'epoch', and an eval_dataset."
-            )
-
     def _model(self) -> nn.Module:
         model = self._model_ref() if self._model_ref is not None else None
         if model is None:
             raise RuntimeError(f"{type(self).__name__}: the model of the run is gone.")
         return model
 
-    def _snapshot(self) -> dict[str, torch.Tensor]:
-        """CPU copies of the parameters trained now and of every buffer (what a phase can change)."""
-        model = self._model()
-        out = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
-        out.update({n: b.detach().to("cpu", copy=True) for n, b in model.named_buffers()})
-        return out
-
-    def _track_best_of_phase(self, state: TrainerState, metrics: Mapping[str, Any]) -> None:
-        assert self._best_key is not None
-        if self._best_key not in metrics:
-            raise ValueError(
-                f"{type(self).__name__}: restore_best={self.restore_best!r} names a metric the evaluation does "
-                f"not produce; its metrics are: {', '.join(sorted(metrics))}."
-            )
-        value = float(metrics[self._best_key])
-        best = self._bop_value if self._bop_phase == self._phase else None
-        if best is None or (value < best if self.restore_best_mode == "min" else value > best):
-            self._bop_weights = self._snapshot()
-            self._bop_phase, self._bop_value, self._bop_step = self._phase, value, state.global_step
-
     def _restore_best_of_phase(self, ended: int, k: int, state: TrainerState) -> None:
-        if self._bop_weights is None or self._bop_phase != ended:
-            raise ValueError(
-                f"{type(self).__name__}(restore_best={self.restore_best!r}): phase {ended} ended at step "
-                f"{state.global_step} without an evaluation, so it has no best weights to restore. Evaluate at "
-                f"least once in every phase (eval_strategy='steps' with eval_steps no longer than the shortest "
-                f"phase, or 'epoch' with phases of whole epochs)."
-            )
-        model = self._model()
-        params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
-        with torch.no_grad():
-            for name, saved in self._bop_weights.items():
-                target = params[name] if name in params else buffers[name]
-                target.copy_(saved.to(device=target.device, dtype=target.dtype))
-        step, value = self._bop_step, self._bop_value
-        self._clear_best_of_phase()
+        assert self._best_of_phase is not None
+        step, value = self._best_of_phase.restore(self._model(), ended, state.global_step)
         self.log_event(
             state,
-            f"{type(self).__name__}: restored the best weights of phase {ended} ({self._best_key}={value:.6g} at "
-            f"step {step}) before phase {k}",
+            f"{type(self).__name__}: restored the best weights of phase {ended} "
+            f"({self._best_of_phase.key}={value:.6g} at step {step}) before phase {k}",
             {"tl/restored_best_step": float(step or 0), "tl/restored_best_value": float(value or 0.0)},
         )
 
@@ -656,7 +545,7 @@ class PhasedCallback(TLCallback, ExportableState):
                 restarts.append((self._started_at[j], self._restart_fn(args, j, self._started_at[j])))
         restarts.sort(key=lambda item: item[0])
         inner.base_lrs = [b * factor for b in self._base_lrs]
-        inner.lr_lambdas = [_piecewise(fn, restarts) for fn in originals]
+        inner.lr_lambdas = [stitched_lr_lambda(fn, restarts) for fn in originals]
         for group, base, fn in zip(groups, inner.base_lrs, inner.lr_lambdas, strict=True):
             group["initial_lr"] = base
             group["lr"] = base * fn(inner.last_epoch)
@@ -680,7 +569,7 @@ class PhasedCallback(TLCallback, ExportableState):
                 if phase.restart_warmup_steps is not None
                 else args.get_warmup_steps(remaining)
             )
-            self._restart_fns[start] = _fresh_lr_lambda(args, remaining, warmup)
+            self._restart_fns[start] = fresh_lr_lambda(args, remaining, warmup)
         return self._restart_fns[start]
 
     # ------------------------------------------------------------------ Trainer events
@@ -696,7 +585,8 @@ class PhasedCallback(TLCallback, ExportableState):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         check_no_conflicts_in_state(state)
-        self._check_restore_best(args)
+        if self._best_of_phase is not None:
+            self._best_of_phase.check_evaluates(args)
         model = kwargs.get("model")
         if model is None:
             return
@@ -736,9 +626,10 @@ class PhasedCallback(TLCallback, ExportableState):
         self._best, self._bad, self._restart_fns, self._lambdas_of = None, 0, {}, None
         self._installed_lambdas = None
         self._saved_phase = -1
-        self._check_restore_best(args)
         self._model_ref = weakref.ref(unwrap_model(model))
-        self._clear_best_of_phase()
+        if self._best_of_phase is not None:
+            self._best_of_phase.check_evaluates(args)
+            self._best_of_phase.clear()
         if resuming:
             self._restore(args, state)
         elif self._controls_lr():
@@ -774,8 +665,8 @@ class PhasedCallback(TLCallback, ExportableState):
     ) -> None:
         if not self._active or self._compiled is None or self._phase >= len(self._compiled.phases) - 1:
             return
-        if self.restore_best is not None:
-            self._track_best_of_phase(state, kwargs.get("metrics") or {})
+        if self._best_of_phase is not None:
+            self._best_of_phase.track(self._model(), self._phase, state.global_step, kwargs.get("metrics") or {})
         plateau = self._compiled.phases[self._phase].until_plateau
         if plateau is None or self._phase in self._ended_at:
             return
@@ -816,11 +707,8 @@ class PhasedCallback(TLCallback, ExportableState):
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(payload, indent=1))
         tmp.replace(path)
-        if payload.get("best_of_phase") is not None and self._bop_weights is not None:
-            best = Path(folder) / BEST_OF_PHASE_FILE
-            tmp = best.with_suffix(".tmp")
-            save_file({n: t.contiguous() for n, t in self._bop_weights.items()}, str(tmp))
-            tmp.replace(best)
+        if self._best_of_phase is not None:
+            self._best_of_phase.save(folder)
 
     def on_train_end(
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
