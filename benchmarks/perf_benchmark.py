@@ -14,7 +14,7 @@ without the cache, so that each mechanism's share shows; the peak memory of each
 the optimizer state of each; the epoch times of a real `transformers.Trainer` for the linear probe and the
 bottom half, cached and uncached; and the per-step overhead of tl_plugin callbacks. It prints a table and
 the ratios against the targets, the ideal ratios from FLOP counts (`EncoderFlops`, benchmarks/instruments.py), and writes
-``benchmarks/results/perf.json`` and ``docs/images/perf.png``.
+``benchmarks/results/perf.json`` and ``docs/images/perf_{throughput,speedup,memory}.png``.
 """
 
 from __future__ import annotations
@@ -84,7 +84,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--skip_half_epochs", action="store_true", help="skip the Trainer epochs of the half setup"
     )
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON)
-    parser.add_argument("--png", type=Path, default=DEFAULT_PNG)
+    parser.add_argument("--png", type=Path, default=DEFAULT_PNG, help="figures: <stem>_throughput/_speedup/_memory.png")
+    parser.add_argument(
+        "--plot_only", action="store_true", help="redraw the figures from --json (an earlier run), measure nothing"
+    )
     parser.add_argument("--cache_dir", type=Path, default=None, help="default: a fresh temporary directory")
     parser.add_argument("--memory_child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--data_dir", type=Path, default=None, help=argparse.SUPPRESS)
@@ -497,83 +500,114 @@ def machine() -> dict[str, Any]:
     }
 
 
-def plot(report: dict[str, Any], path: Path) -> None:
+#: What the colours of the throughput and memory figures mean (the setup's name decides).
+KIND_COLOURS = {
+    "plain": "#7f7f7f",
+    "frozen prefix without autograd": "#1f77b4",
+    "last block at the first position": "#ff7f0e",
+    "activation cache": "#2ca02c",
+}
+
+
+def _kind(name: str) -> str:
+    if "+" not in name:
+        return "plain"
+    if "cache" in name:
+        return "activation cache"
+    return "last block at the first position" if "first_token" in name else "frozen prefix without autograd"
+
+
+def _kind_legend(ax: Any, kinds: list[str], loc: str = "upper left") -> None:
+    from matplotlib.patches import Patch
+
+    handles = [Patch(color=KIND_COLOURS[k], label=k) for k in KIND_COLOURS if k in kinds]
+    ax.legend(handles=handles, fontsize=11, loc=loc, frameon=False)
+
+
+def _subtitle(report: dict[str, Any]) -> str:
+    m, settings = report["machine"], report["settings"]
+    return (
+        f"all-MiniLM-L6-v2, {settings['train_size']} fine-food reviews, batch {settings['batch_size']}, "
+        f"max_length {settings['max_length']} ({m['date']}, {m['cores']}-core CPU, no GPU)"
+    )
+
+
+def plot(report: dict[str, Any], path: Path) -> list[Path]:
+    """Three figures, each readable at a docs page's width: throughput per setup (``<stem>_throughput.png``),
+    speed-up per epoch against the FLOP limit (``<stem>_speedup.png``) and training memory (``<stem>_memory.png``),
+    next to `path`. Returns the files written."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    plt.rcParams.update({"font.size": 12})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
     names = [s for s, _, _ in SETUPS if s in report["throughput"]]
     rates = [report["throughput"][s]["samples_per_second"] for s in names]
+    kinds = [_kind(s) for s in names]
 
-    def color(name: str) -> str:
-        if "+" not in name:
-            return "#7f7f7f"  # plain
-        if "cache" in name:
-            return "#2ca02c"
-        return "#ff7f0e" if "first_token" in name else "#1f77b4"  # first position only / no_grad
-
-    colors = [color(s) for s in names]
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8), gridspec_kw={"width_ratios": [2.2, 1.2, 1.4]})
-    ax = axes[0]
-    bars = ax.bar(names, rates, color=colors)
+    fig, ax = plt.subplots(figsize=(10, 5.6))
+    bars = ax.bar(range(len(names)), rates, color=[KIND_COLOURS[k] for k in kinds])
     ax.set_yscale("log")
-    ax.set_ylabel("training samples / s (log)")
-    ax.set_title("Throughput (interleaved rounds, median)")
+    ax.set_ylabel("training samples / s (log scale)")
+    ax.set_title(f"Throughput per setup (interleaved rounds, median)\n{_subtitle(report)}", fontsize=12)
     for bar, rate in zip(bars, rates, strict=True):
-        ax.text(bar.get_x() + bar.get_width() / 2, rate * 1.08, f"{rate:.0f}", ha="center", fontsize=8)
-    plt.setp(ax.get_xticklabels(), rotation=35, ha="right")
+        ax.text(bar.get_x() + bar.get_width() / 2, rate * 1.08, f"{rate:.0f}", ha="center", fontsize=11)
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=11)
+    ax.set_ylim(top=max(rates) * 4)
+    _kind_legend(ax, kinds)
+    fig.tight_layout()
+    written.append(path.with_name(f"{path.stem}_throughput.png"))
+    fig.savefig(written[-1], dpi=100)
+    plt.close(fig)
 
-    ax = axes[1]
     ratios = report["ratios"]
     labels, measured, ideal = [], [], []
     for key, label in (
-        ("half_first_token_epoch_vs_uncached_epoch", "half: first\ntoken only"),
-        ("half_cached_full_block_epoch_vs_uncached_epoch", "half: cache\nonly"),
-        ("half_cached_epoch_vs_uncached_epoch", "half: cache\n(default)"),
-        ("probe_cached_epoch_vs_uncached_epoch", "probe: cached\nvs plain (epoch)"),
+        ("half_first_token_epoch_vs_uncached_epoch", "bottom half:\nfirst token only"),
+        ("half_cached_full_block_epoch_vs_uncached_epoch", "bottom half:\ncache only"),
+        ("half_cached_epoch_vs_uncached_epoch", "bottom half:\ncache (default)"),
+        ("probe_cached_epoch_vs_uncached_epoch", "linear probe:\ncache"),
     ):
         if key in ratios:
             labels.append(label)
             measured.append(ratios[key]["measured"])
             ideal.append(ratios[key]["ideal_flops"])
+    fig, ax = plt.subplots(figsize=(10, 5.2))
     x = range(len(labels))
     ax.bar([i - 0.2 for i in x], measured, width=0.4, label="measured", color="#2ca02c")
-    ax.bar([i + 0.2 for i in x], ideal, width=0.4, label="ideal (FLOPs)", color="#c7e9c0")
-    for i, (m, ideal_value) in enumerate(zip(measured, ideal, strict=True)):
-        ax.text(i - 0.2, m * 1.08, f"{m:.1f}x", ha="center", fontsize=8)
-        ax.text(i + 0.2, ideal_value * 1.08, f"{ideal_value:.1f}x", ha="center", fontsize=8)
+    ax.bar([i + 0.2 for i in x], ideal, width=0.4, label="limit from FLOPs", color="#c7e9c0")
+    for i, (m, limit) in enumerate(zip(measured, ideal, strict=True)):
+        ax.text(i - 0.2, m * 1.08, f"{m:.1f}x", ha="center", fontsize=11)
+        ax.text(i + 0.2, limit * 1.08, f"{limit:.1f}x", ha="center", fontsize=11)
     ax.set_yscale("log")
-    ax.set_xticks(list(x), labels, fontsize=8)
-    ax.set_ylabel("speed-up per epoch (log)")
-    ax.set_title("Speed-up per epoch vs FLOP limit")
-    ax.legend(fontsize=8)
+    ax.set_xticks(list(x), labels, fontsize=11)
+    ax.set_ylabel("speed-up per epoch vs plain (log scale)")
+    ax.set_title(f"Speed-up per epoch against the FLOP limit\n{_subtitle(report)}", fontsize=12)
+    ax.legend(fontsize=11, loc="upper left", frameon=False)
+    ax.set_ylim(top=max(ideal + measured) * 6)
+    fig.tight_layout()
+    written.append(path.with_name(f"{path.stem}_speedup.png"))
+    fig.savefig(written[-1], dpi=100)
+    plt.close(fig)
 
-    ax = axes[2]
     memory = report.get("memory", {})
     if memory:
         mem_names = [s for s in names if s in memory]
-        ax.bar(
-            mem_names,
-            [memory[s]["training_mb"] for s in mem_names],
-            color=[colors[names.index(s)] for s in mem_names],
-        )
+        fig, ax = plt.subplots(figsize=(10, 5.2))
+        ax.bar(range(len(mem_names)), [memory[s]["training_mb"] for s in mem_names],
+               color=[KIND_COLOURS[_kind(s)] for s in mem_names])  # fmt: skip
+        ax.set_xticks(range(len(mem_names)), mem_names, rotation=30, ha="right", fontsize=11)
         ax.set_ylabel("RSS growth while training (MB)")
-        ax.set_title("Training memory (3 steps, own process)")
-        plt.setp(ax.get_xticklabels(), rotation=35, ha="right")
-    else:
-        ax.axis("off")
-    m = report["machine"]
-    fig.suptitle(
-        f"tl_plugin frozen-layer performance: all-MiniLM-L6-v2, {report['settings']['train_size']} fine-food "
-        f"reviews, batch {report['settings']['batch_size']}, max_length {report['settings']['max_length']} "
-        f"({m['date']}, {m['cores']}-core CPU, no GPU)",
-        fontsize=10,
-    )
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+        ax.set_title(f"Training memory (3 steps, each setup in its own process)\n{_subtitle(report)}", fontsize=12)
+        _kind_legend(ax, [_kind(s) for s in mem_names], loc="upper right")
+        fig.tight_layout()
+        written.append(path.with_name(f"{path.stem}_memory.png"))
+        fig.savefig(written[-1], dpi=100)
+        plt.close(fig)
+    return written
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -581,6 +615,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.memory_child:
         memory_child(args)
         return {}
+    if args.plot_only:
+        report = json.loads(args.json.read_text())
+        for figure in plot(report, args.png):
+            print(f"wrote {figure}")
+        return report
     started = time.perf_counter()
     import numpy as np
     from instruments import EncoderFlops, optimizer_state_bytes  # benchmarks/instruments.py
