@@ -214,6 +214,16 @@ def run_scan(argv: list[str]) -> dict[str, Any]:
     return result
 
 
+def _model_label(model: str) -> str:
+    """A model folder as a reader knows it: the bundled model by name, any other by its last two path parts."""
+    from ..testing import bundled_model_path
+
+    path = Path(model)
+    if path.resolve() == Path(bundled_model_path()).resolve():
+        return "all-MiniLM-L6-v2 (bundled)"
+    return "/".join(path.parts[-2:]) if len(path.parts) > 1 else model
+
+
 def _geometric_middle(low: float, high: float) -> float:
     return float((low * high) ** 0.5)
 
@@ -271,7 +281,7 @@ def plot_scan(scan: LayerScan, path: str | Path, recommendation: Recommendation 
     for ax in (top, bottom):
         ax.grid(alpha=0.3)
     title = f"Layer scan: {scan.num_examples} examples, {scan.num_classes} classes, pooling {scan.pooling}"
-    fig.suptitle(title if scan.model is None else f"{title}\n{scan.model}", fontsize="medium")
+    fig.suptitle(title if scan.model is None else f"{title}\n{_model_label(scan.model)}", fontsize="medium")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
