@@ -57,6 +57,8 @@ from tl_plugin.perf import (  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from instruments import EncoderFlops, optimizer_state_bytes  # noqa: E402  (benchmarks/instruments.py)
 
+from tl_plugin.testing import pad_collate  # noqa: E402
+
 VOCAB = 64
 
 
@@ -89,22 +91,6 @@ def make_rows(n: int = 48, seed: int = 0) -> list[dict[str, Any]]:
 def make_dataset(n: int = 48, seed: int = 0) -> Any:
     rows = make_rows(n, seed)
     return datasets.Dataset.from_dict({k: [r[k] for r in rows] for k in rows[0]})
-
-
-def pad_collate(features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """Right-pads to the longest example of the batch (what DataCollatorWithPadding does)."""
-    length = max(len(f["input_ids"]) for f in features)
-    batch = {
-        "input_ids": torch.tensor(
-            [list(f["input_ids"]) + [0] * (length - len(f["input_ids"])) for f in features]
-        ),
-        "attention_mask": torch.tensor(
-            [list(f["attention_mask"]) + [0] * (length - len(f["attention_mask"])) for f in features]
-        ),
-    }
-    if "label" in features[0]:
-        batch["labels"] = torch.tensor([int(f["label"]) for f in features])
-    return batch
 
 
 def training_args(tmp_path: Path, epochs: int = 2, **overrides: Any) -> TrainingArguments:

@@ -25,6 +25,7 @@ from transformers import BertConfig, BertForSequenceClassification  # noqa: E402
 from tl_plugin import freeze_bottom_blocks  # noqa: E402
 from tl_plugin.prefix import ActivationCache  # noqa: E402
 from tl_plugin.prefix.store import RowFile, decode, encode  # noqa: E402
+from tl_plugin.testing import pad_collate as pad  # noqa: E402
 
 VOCAB = 64
 
@@ -50,17 +51,6 @@ def rows(n: int) -> Any:
     return datasets.Dataset.from_dict(
         {"input_ids": ids, "attention_mask": [[1] * len(r) for r in ids], "label": [r[1] % 2 for r in ids]}
     )
-
-
-def pad(features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    length = max(len(f["input_ids"]) for f in features)
-    batch = {
-        key: torch.tensor([list(f[key]) + [0] * (length - len(f[key])) for f in features])
-        for key in ("input_ids", "attention_mask")
-    }
-    if "label" in features[0]:
-        batch["labels"] = torch.tensor([int(f["label"]) for f in features])
-    return batch
 
 
 def cached_logits_and_grads(tmp_path: Path, dtype: str) -> tuple[torch.Tensor, dict[str, torch.Tensor], Any]:

@@ -27,6 +27,7 @@ from transformers import BertConfig, BertForSequenceClassification, Trainer, Tra
 from tl_plugin import TransferConfig  # noqa: E402
 from tl_plugin.callbacks import TransferCallback  # noqa: E402
 from tl_plugin.prefix import ActivationCache, ActivationCacheCallback  # noqa: E402
+from tl_plugin.testing import pad_collate  # noqa: E402
 
 VOCAB = 64
 
@@ -41,18 +42,6 @@ def tokenized(n: int, seed: int) -> Any:
         masks.append([1] * length)
         labels.append(int(row[1] > VOCAB // 2))
     return datasets.Dataset.from_dict({"input_ids": ids, "attention_mask": masks, "label": labels})
-
-
-def pad_collate(features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """Right-pads to the longest example of the batch, as `DataCollatorWithPadding` does (labels when present)."""
-    length = max(len(f["input_ids"]) for f in features)
-    batch = {
-        key: torch.tensor([list(f[key]) + [0] * (length - len(f[key])) for f in features])
-        for key in ("input_ids", "attention_mask")
-    }
-    if "label" in features[0]:
-        batch["labels"] = torch.tensor([int(f["label"]) for f in features])
-    return batch
 
 
 def accuracy(prediction: Any) -> dict[str, float]:

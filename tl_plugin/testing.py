@@ -31,7 +31,15 @@ import torch
 
 from .checks import check_choice, check_int
 
-__all__ = ["RandomTokens", "bundled_model_path", "run_doctests", "save_tiny_bert", "tiny_bert", "tiny_bert_config"]
+__all__ = [
+    "RandomTokens",
+    "bundled_model_path",
+    "pad_collate",
+    "run_doctests",
+    "save_tiny_bert",
+    "tiny_bert",
+    "tiny_bert_config",
+]
 
 #: The label rules of `RandomTokens`.
 LABEL_RULES = ("random", "first_token")
@@ -91,6 +99,19 @@ class RandomTokens(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return {"input_ids": self.ids[i], "labels": self.labels[i]}
+
+
+def pad_collate(features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Right-pads ``input_ids`` and ``attention_mask`` with 0 to the longest example of the batch, as
+    `transformers.DataCollatorWithPadding` does, and stacks ``label`` (when present) as ``labels``."""
+    length = max(len(f["input_ids"]) for f in features)
+    batch = {
+        key: torch.tensor([list(f[key]) + [0] * (length - len(f[key])) for f in features])
+        for key in ("input_ids", "attention_mask")
+    }
+    if "label" in features[0]:
+        batch["labels"] = torch.tensor([int(f["label"]) for f in features])
+    return batch
 
 
 def bundled_model_path() -> str:
