@@ -21,7 +21,7 @@ PACKAGE = ROOT / "tl_plugin"
 #: Floors of the house, lowest first (docs/design.md has the same table).
 FLOORS: list[tuple[str, tuple[str, ...]]] = [
     ("argument checks", ("checks",)),
-    ("foundations", ("discovery", "distributed", "metrics", "testing", "vision")),
+    ("foundations", ("discovery", "distributed", "logme", "metrics", "testing", "vision")),
     ("model surgery", ("config", "freezing", "losses", "optim")),
     ("transfer plans", ("transfer",)),
     ("freeze schedules", ("schedule",)),

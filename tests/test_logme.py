@@ -1,4 +1,4 @@
-"""LogME (tl_plugin.scan) against the closed form of the Bayesian linear model's evidence.
+"""LogME (tl_plugin.logme) against the closed form of the Bayesian linear model's evidence.
 
 The reference is computed independently of the SVD formulas under test: the marginal likelihood of
 ``y = F w + noise`` with ``w ~ N(0, I / alpha)`` and ``noise ~ N(0, I / beta)`` is the Gaussian density
@@ -12,7 +12,9 @@ import pytest
 from scipy.optimize import minimize
 from scipy.stats import multivariate_normal
 
-from tl_plugin.scan import _evidence_from_svd, _svd_terms, log_evidence, logme, maximize_evidence
+import tl_plugin.logme as logme_module
+import tl_plugin.scan as scan_module
+from tl_plugin.logme import _evidence_from_svd, _svd_terms, log_evidence, logme, maximize_evidence
 
 
 def closed_form(features: np.ndarray, target: np.ndarray, alpha: float, beta: float) -> float:
@@ -105,3 +107,20 @@ def test_bad_input_is_a_clear_error():
         logme(np.ones((5, 2)), [0, 1, 0])
     with pytest.raises(ValueError, match="must be > 0"):
         log_evidence(np.ones((3, 2)), np.ones(3), alpha=0.0, beta=1.0)
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    result = doctest.testmod(logme_module, verbose=False)
+    assert result.attempted >= 2
+    assert result.failed == 0
+
+
+def test_the_scan_module_reexports_the_same_functions():
+    assert (scan_module.logme, scan_module.log_evidence, scan_module.maximize_evidence) == (
+        logme,
+        log_evidence,
+        maximize_evidence,
+    )
+    assert {"logme", "log_evidence", "maximize_evidence"} <= set(scan_module.__all__)
