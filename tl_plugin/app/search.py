@@ -24,7 +24,10 @@ from .errors import UsageError
 from .parser import CommandParser
 from .resume_check import data_fingerprint, explicit_options, resume_differences
 
-__all__ = ["DEFAULT_NAME", "DEFAULT_OUTPUT_DIR", "build_search_parser", "main", "run_search", "user_train_flags"]
+__all__ = [
+    "DEFAULT_NAME", "DEFAULT_OUTPUT_DIR", "build_search_parser", "main", "run_search", "user_train_flags",
+    "validation_majority_rate",
+]  # fmt: skip
 
 DEFAULT_OUTPUT_DIR = "outputs/tune"
 DEFAULT_NAME = "tl-search"
@@ -202,6 +205,46 @@ def _settings(args: argparse.Namespace, output_dir: Path) -> Any:
     )
 
 
+def validation_majority_rate(settings: Any) -> float | None:
+    """The majority-class rate of the validation split the trials are evaluated on: the share of its most frequent
+    label, i.e. the accuracy of always answering that label (a trial whose accuracy equals it learned nothing).
+
+    The split is the one every trial evaluates on, loaded as a trial loads it: the trials' own ``tl-plugin train``
+    options (`tl_plugin.tune.trial_command_line`) through `load_task_data`, with the search's seed (the bundled
+    reviews' fixed validation split, your ``--validation_file``, or the part held out of ``--train_file``). Only the
+    labels are read, nothing is tokenized; rows that ``--drop_empty`` skips are skipped here too.
+
+    Args:
+        settings (`tl_plugin.tune.SearchSettings`): the search's settings.
+
+    Returns:
+        `float` or `None`: the rate, or `None` where it is not the baseline of the metric: a metric other than
+        ``eval_accuracy``, or labels that are lists (multi-label, token classification).
+    """
+    from collections import Counter
+
+    from datasets import DatasetDict
+
+    from .. import tune as tlt
+    from .data import check_texts
+    from .train import load_task_data, parse_train_args
+
+    if settings.metric != "eval_accuracy":
+        return None
+    options = parse_train_args(tlt.trial_command_line({"learning_rate": 1e-4}, settings, "unused-output-dir"))
+    task, columns, _, raw, _ = load_task_data(options.data, settings.seed)
+    validation = DatasetDict(validation=raw["validation"])
+    if task.name == "text-classification" and options.data.drop_empty:  # as its preprocessing does
+        for column, flag in ((columns.input, "text_column"), (columns.pair, "text_pair_column")):
+            if column is not None:
+                validation = check_texts(validation, column, flag, drop_empty=True)
+    labels = validation["validation"][columns.label]
+    if not labels or any(isinstance(value, list) for value in labels):
+        return None
+    counts = Counter(str(value) for value in labels)
+    return max(counts.values()) / len(labels)
+
+
 def _check_own_data(args: argparse.Namespace, settings: Any) -> None:
     """Load and check the data once in the driver, so bad data is one line before any trial starts."""
     from .train import load_task_data
@@ -271,6 +314,7 @@ def run_search(args: argparse.Namespace, extra_callbacks: Sequence[Any] = ()) ->
         settings_file.write_text(json.dumps(saved, indent=2) + "\n")
 
     csv_path = output_dir / "results.csv"
+    baseline = validation_majority_rate(settings)  # before any trial; reads only the validation labels
     data_desc = " ".join(settings.train_args) or f"{settings.train_size} bundled fine-food reviews"
     print(
         f"Search: {search['num_samples']} trials x up to {settings.max_epochs} epochs, {settings.num_blocks}-block "
@@ -356,7 +400,7 @@ def run_search(args: argparse.Namespace, extra_callbacks: Sequence[Any] = ()) ->
         # from the experiment folder (what a restore sees too); error files are read while Ray is up
         rows = tlt.rows_from_trials(tune.ExperimentAnalysis(experiment_path).trials, settings)
 
-    return _finish(rows, search, settings, output_dir, csv_path, experiment_path, started)
+    return _finish(rows, search, settings, output_dir, csv_path, experiment_path, started, baseline)
 
 
 def _scheduler(search: dict[str, Any], settings: Any) -> Any:
@@ -391,6 +435,7 @@ def _finish(
     csv_path: Path,
     experiment_path: str,
     started: float,
+    baseline: float | None = None,
 ) -> dict[str, Any]:
     from .. import tune as tlt
 
@@ -406,9 +451,19 @@ def _finish(
         "experiment_path": experiment_path,
         "settings": settings.to_dict(),
         "wall_time_s": round(time.perf_counter() - started, 1),
+        "majority_rate": baseline,
     }
+    if baseline is not None:
+        at_it = [r["trial"] for r in rows if r.get(settings.metric) is not None
+                 and abs(float(r[settings.metric]) - baseline) <= 1e-9]  # fmt: skip
+        print(
+            f"\nMajority-class rate of the validation split: {baseline:.4g} (the accuracy of always answering its "
+            f"most frequent label); {len(at_it)} of {len(rows)} trials ended exactly at it"
+            + (f": {', '.join(at_it)}" if at_it else "")
+        )
     try:
-        summary["plot"] = str(tlt.plot_results(rows, output_dir / "results.png", settings.metric))
+        plot = tlt.plot_results(rows, output_dir / "results.png", settings.metric, baseline=baseline)
+        summary["plot"] = str(plot)
     except ImportError as err:
         print(f"\nNo plot: {err}")
     best = tlt.save_best(rows, settings, output_dir)
