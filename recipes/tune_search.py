@@ -10,7 +10,8 @@ bundled all-MiniLM-L6-v2 on the bundled fine-food reviews.
     python recipes/tune_search.py --resume --output-dir outputs/tune  # finish an interrupted search
 
 Outputs (``--output-dir``, default ``outputs/tune``): ``results.csv`` (rewritten after every trial event),
-``results.png``, ``best.yaml`` (a transfer config for ``tl-plugin train --transfer_config``),
+``results.png`` (with ``--metric eval_accuracy``, the majority-class rate of the validation split as a dashed line;
+the rate is printed too), ``best.yaml`` (a transfer config for ``tl-plugin train --transfer_config``),
 ``best_training_args.json`` (with the exact final ``tl-plugin train`` command, also printed), ``search.json`` and
 the Ray experiment under ``--storage-path``.
 """
