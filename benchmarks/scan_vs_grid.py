@@ -116,14 +116,25 @@ def subprocess_env(threads: int) -> dict[str, str]:
 
 
 def timed(command: list[str], env: dict[str, str], log: Path) -> float:
-    """Run `command`, its output to `log`; its wall time in seconds (a failure stops the benchmark)."""
+    """Run `command`, its output to `log`; its wall time in seconds (a failure stops the benchmark). Its CPU time
+    (user + system of the process and of the children it waited for) is added to `CPU_SECONDS[str(log)]`."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     with open(log, "w") as handle:
         code = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, env=env, check=False).returncode
     seconds = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    CPU_SECONDS[str(log)] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     if code != 0:
         raise SystemExit(f"{' '.join(command)} failed ({code}); its output: {log}")
     return seconds
+
+
+#: CPU seconds of each `timed` command, by its log file (the wall clock of a run on a machine shared with other
+#: jobs says more about the other jobs than about the run; with one thread per run, CPU time is its own cost).
+CPU_SECONDS: dict[str, float] = {}
 
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
@@ -135,7 +146,13 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
     return float(spearmanr(x, y).statistic)
 
 
-def summarise(scan: dict[str, Any], grid: dict[int, list[float]], scan_seconds: float, full_seconds: float) -> dict[str, Any]:
+def summarise(
+    scan: dict[str, Any],
+    grid: dict[int, list[float]],
+    scan_seconds: float,
+    full_seconds: float,
+    cpu: tuple[float, float] | None = None,
+) -> dict[str, Any]:
     """The side-by-side numbers of one benchmark run."""
     layers = {layer["boundary"]: layer for layer in scan["scan"]["layers"]}
     combined = scan["recommendation"]["combined_scores"]
@@ -173,6 +190,15 @@ def summarise(scan: dict[str, Any], grid: dict[int, list[float]], scan_seconds: 
         "scan_seconds": round(scan_seconds, 1),
         "full_run_seconds": round(full_seconds, 1),
         "scan_over_full_run": round(scan_seconds / full_seconds, 3),
+        **(
+            {}
+            if cpu is None
+            else {
+                "scan_cpu_seconds": round(cpu[0], 1),
+                "full_run_cpu_seconds": round(cpu[1], 1),
+                "scan_over_full_run_cpu": round(cpu[0] / cpu[1], 3),
+            }
+        ),
     }
 
 
@@ -204,6 +230,11 @@ def format_report(summary: dict[str, Any]) -> str:
         f"wall time: scan {summary['scan_seconds']:.0f} s, one full fine-tuning run {summary['full_run_seconds']:.0f} s: "
         f"ratio {summary['scan_over_full_run']:.2f}",
     ]
+    if "scan_cpu_seconds" in summary:
+        lines.append(
+            f"CPU time: scan {summary['scan_cpu_seconds']:.0f} s, one full fine-tuning run "
+            f"{summary['full_run_cpu_seconds']:.0f} s: ratio {summary['scan_over_full_run_cpu']:.2f} (target <= 0.25)"
+        )
     return "\n".join(lines)
 
 
@@ -231,9 +262,13 @@ def run_grid(run: dict[str, Any], env: dict[str, str], work: Path) -> tuple[dict
             grid[boundary].append(accuracy)
             if boundary == 0 and full_seconds is None:
                 full_seconds = seconds
-            print(f"grid: boundary {boundary} seed {seed}: test accuracy {accuracy:.4f} ({seconds:.0f} s)", flush=True)
+                CPU_SECONDS["full run"] = CPU_SECONDS[str(work / f"b{boundary}-s{seed}.log")]
+            cpu = CPU_SECONDS[str(work / f"b{boundary}-s{seed}.log")]
+            print(f"grid: boundary {boundary} seed {seed}: test accuracy {accuracy:.4f} ({seconds:.0f} s wall, "
+                  f"{cpu:.0f} s CPU)", flush=True)  # fmt: skip
     if full_seconds is None:  # boundary 0 not in the grid: time one full run on its own
         full_seconds = timed(train_command(run, 0, run["seeds"][0], work / "full"), env, work / "full.log")
+        CPU_SECONDS["full run"] = CPU_SECONDS[str(work / "full.log")]
     return grid, full_seconds
 
 
@@ -260,19 +295,22 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         scan_seconds = timed(scan_command(run, work / "scan"), env, work / "scan.log")
         scan = json.loads((work / "scan" / "scan.json").read_text())
         recommended = scan["recommendation"]["boundary"]
-        print(f"scan: {scan_seconds:.0f} s; recommends boundary {recommended}", flush=True)
+        scan_cpu = CPU_SECONDS[str(work / "scan.log")]
+        print(f"scan: {scan_seconds:.0f} s wall, {scan_cpu:.0f} s CPU; recommends boundary {recommended}", flush=True)
         if args.reuse_grid is not None:  # the earlier grid as it is (a recommendation outside it is said so)
             grid, full_seconds = reused_grid(args.reuse_grid, run)
             run["boundaries"] = sorted(grid)
         else:
             run["boundaries"] = with_recommended(run["boundaries"], recommended)
             grid, full_seconds = run_grid(run, env, work)
-    summary = summarise(scan, grid, scan_seconds, full_seconds)
+    full_cpu = CPU_SECONDS.get("full run")
+    summary = summarise(scan, grid, scan_seconds, full_seconds, None if full_cpu is None else (scan_cpu, full_cpu))
     print("\n" + format_report(summary))
     result = {
         "command": " ".join(["python benchmarks/scan_vs_grid.py", *(argv if argv is not None else sys.argv[1:])]),
         "date": started.strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine(),
+        "cpu_seconds": {Path(k).name if "/" in k else k: round(v, 1) for k, v in CPU_SECONDS.items()},
         "threads": args.threads,
         "settings": run,
         "summary": summary,
