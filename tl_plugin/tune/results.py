@@ -262,6 +262,7 @@ def plot_results(
                 linewidths=1.5,
             )
         ax.set_xscale("log")
+        ax.margins(x=0.06, y=0.12)  # markers on the lowest / highest value (often the baseline) stay inside
         ax.set_xlabel("learning rate")
         ax.set_ylabel(metric)
         ax.set_title(title or f"{metric} vs learning rate ({len(points)} trials)")
