@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -55,6 +56,11 @@ MEAN_MODEL_TYPES = frozenset(
 )  # fmt: skip
 
 
+#: The default memory budget of a scan's collected features (`ScanConfig.max_feature_bytes`): 2 GiB.
+DEFAULT_MAX_FEATURE_BYTES = 2 * 1024**3
+MIB = 1024**2
+
+
 @dataclass(frozen=True)
 class ScanConfig:
     """How a layer scan scores the features.
@@ -66,6 +72,9 @@ class ScanConfig:
         probe_c (`float`, *optional*, defaults to 1.0): inverse L2 strength of the logistic regression.
         probe_max_iter (`int`, *optional*, defaults to 1000): iterations of the logistic regression's solver.
         max_examples (`int`, *optional*): stop collecting features after this many examples (`None`: all).
+        max_feature_bytes (`int`, *optional*, defaults to 2 GiB): the memory budget of the collected features
+            (float32, every scanned layer). When the data's features would take more, the scan keeps the first
+            examples that fit, in the order of the batches, and says so in `LayerScan.notes`; `None`: no budget.
         layers (`list[str]`, *optional*): the layers to score (``"embeddings"``, ``"blocks.<i>"``, ``"last"`` for
             the last block); `None`: all.
     """
@@ -77,6 +86,7 @@ class ScanConfig:
     probe_max_iter: int = 1000
     max_examples: int | None = None
     layers: tuple[str, ...] | None = None
+    max_feature_bytes: int | None = DEFAULT_MAX_FEATURE_BYTES
 
     def __post_init__(self) -> None:
         if self.pooling not in POOLINGS:
@@ -89,6 +99,10 @@ class ScanConfig:
             raise ValueError(f"`probe_max_iter` must be >= 1, got {self.probe_max_iter}.")
         if self.max_examples is not None and self.max_examples < 2:
             raise ValueError(f"`max_examples` must be >= 2, got {self.max_examples}.")
+        if self.max_feature_bytes is not None and not (
+            isinstance(self.max_feature_bytes, int) and self.max_feature_bytes >= 1
+        ):
+            raise ValueError(f"`max_feature_bytes` must be a whole number of bytes >= 1 or None, got {self.max_feature_bytes!r}.")
         if self.layers is not None:
             if isinstance(self.layers, str) or not self.layers:
                 raise ValueError(f"`layers` must be a non-empty list of layer names, got {self.layers!r}.")
@@ -250,6 +264,7 @@ def collect_layer_features(
     pooling: str = "auto",
     layers: Sequence[str] | None = None,
     max_examples: int | None = None,
+    max_feature_bytes: int | None = None,
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Pooled features of every layer in one batched, no-grad pass, and the labels.
 
@@ -257,10 +272,84 @@ def collect_layer_features(
     is a mapping of model inputs with a ``labels`` entry (what a `DataLoader` with the task's collator yields); the
     labels are taken out before the forward. The model runs in eval mode and is put back in its former mode.
 
+    Args:
+        max_examples (`int`, *optional*): stop after this many examples.
+        max_feature_bytes (`int`, *optional*): the memory budget of the features (float32, all collected layers):
+            after the first batch gives the bytes per example, collection stops at the number of examples that
+            fit (the first ones, in the order of `batches`), with a warning (`scan_layers` says it in its result).
+
     Returns:
         `tuple[dict[str, np.ndarray], np.ndarray]`: ``{layer: (n, d) float32 features}`` in depth order, and the
         ``(n,)`` labels.
     """
+    found = _collect(model, batches, groups, pooling, layers, max_examples, max_feature_bytes)
+    if found.budget_note is not None:
+        warnings.warn(found.budget_note, stacklevel=2)
+    return found.features, found.labels
+
+
+@dataclass
+class _Collected:
+    """What `_collect` gathered: the features and labels, the bytes per example, the examples the data had (when
+    known, after `max_examples`) and the memory-budget note (`None` when the budget did not cut the data)."""
+
+    features: dict[str, np.ndarray]
+    labels: np.ndarray
+    bytes_per_example: int
+    wanted: int | None
+    budget_note: str | None
+
+
+def _count_examples(batches: Iterable[Mapping[str, Any]]) -> int | None:
+    """The number of examples in `batches` when it can be known without iterating: a `DataLoader`'s sized data
+    set, or a list of batches (their labels counted); `None` for other iterables."""
+    dataset = getattr(batches, "dataset", None)
+    if dataset is not None:
+        try:
+            return len(dataset)
+        except TypeError:  # an iterable data set
+            return None
+    if isinstance(batches, Sequence):
+        try:
+            return sum(len(batch["labels"]) for batch in batches)
+        except (KeyError, TypeError):
+            return None
+    return None
+
+
+def _size(num_bytes: float) -> str:
+    """A number of bytes in the largest binary unit that keeps it >= 1 (``1.5 GiB``, ``12.0 MiB``, ``640 bytes``)."""
+    for unit, scale in (("GiB", 1024**3), ("MiB", MIB), ("KiB", 1024)):
+        if num_bytes >= scale:
+            return f"{num_bytes / scale:,.1f} {unit}"
+    return f"{num_bytes:,.0f} bytes"
+
+
+def _budget_note(
+    n: int, wanted: int | None, bytes_per_example: int, budget: int, layers: int, available: int | None
+) -> str:
+    per_example = f"{bytes_per_example:,} bytes per example over {layers} layer(s)"
+    if wanted is None:
+        return (
+            f"The features reached the memory budget of {_size(budget)} after {n:,} examples ({per_example}): "
+            f"collection stopped there, and the data has more."
+        )
+    which = f"all {wanted:,} examples" if wanted == available else f"the {wanted:,} examples asked for"
+    return (
+        f"The features of {which} would take {_size(wanted * bytes_per_example)}, more than the memory budget of "
+        f"{_size(budget)} ({per_example}): scanned the first {n:,}, in the order of the data."
+    )
+
+
+def _collect(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, Any]],
+    groups: LayerGroups | None,
+    pooling: str,
+    layers: Sequence[str] | None,
+    max_examples: int | None,
+    max_feature_bytes: int | None,
+) -> _Collected:
     groups = groups if groups is not None else discover_layer_groups(model)
     names = _layer_names(groups)
     if len(groups.blocks) == 0:
@@ -271,6 +360,8 @@ def collect_layer_features(
         raise ValueError(
             f"Unknown layer(s) {unknown}; the layers of this model are: {', '.join(names)} (or last)."
         )
+    if max_feature_bytes is not None and max_feature_bytes < 1:
+        raise ValueError(f"`max_feature_bytes` must be >= 1 or None, got {max_feature_bytes}.")
     modules = dict(model.named_modules())
     pool = _Pool(model, resolve_pooling(model, pooling))
     collected: dict[str, list[np.ndarray]] = {name: [] for name in names if name in wanted}
@@ -291,6 +382,10 @@ def collect_layer_features(
         if "embeddings" not in current:
             keep("embeddings", args[0] if args else kwargs.get("hidden_states", next(iter(kwargs.values()), None)))
 
+    available = _count_examples(batches)
+    # the examples the scan would take without a budget, when the data's size is known
+    target = None if available is None else available if max_examples is None else min(available, max_examples)
+    limit, by_budget, cut, bytes_per_example = max_examples, False, False, 0
     handles = [first.register_forward_pre_hook(before_first, with_kwargs=True)]
     for group in groups.blocks:
         block = modules[group.module_name or ""]
@@ -303,6 +398,9 @@ def collect_layer_features(
     try:
         with torch.inference_mode():
             for batch in batches:
+                if limit is not None and seen >= limit:  # only the budget's limit gets here: the data has more
+                    cut = True
+                    break
                 inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
                 if "labels" not in inputs:
                     raise ValueError("Each batch needs a `labels` entry (one class id per example).")
@@ -319,21 +417,42 @@ def collect_layer_features(
                 missing = [name for name in collected if name not in current]
                 if missing:
                     raise ValueError(f"The forward pass did not run layer(s) {missing}; check the model's inputs.")
+                if not bytes_per_example:
+                    bytes_per_example = 4 * sum(current[name].shape[1] for name in collected)
+                    if max_feature_bytes is not None:
+                        fits = max_feature_bytes // bytes_per_example
+                        if fits < 2:
+                            raise ValueError(
+                                f"The memory budget of {max_feature_bytes:,} bytes holds the features of "
+                                f"{fits} example(s) ({bytes_per_example:,} bytes per example over "
+                                f"{len(collected)} layer(s)); a scan needs at least 2: raise the budget or "
+                                f"scan fewer layers."
+                            )
+                        if limit is None or fits < limit:
+                            limit, by_budget = fits, True
+                size = batch_labels.shape[0]
+                take = size if limit is None else min(size, limit - seen)
+                cut = cut or (by_budget and take < size)
                 for name in collected:
-                    collected[name].append(current[name])
-                labels.append(batch_labels.cpu().numpy())
-                seen += batch_labels.shape[0]
-                if max_examples is not None and seen >= max_examples:
-                    break
+                    collected[name].append(current[name][:take])
+                labels.append(batch_labels[:take].cpu().numpy())
+                seen += take
+                if limit is not None and seen >= limit and (not by_budget or target is not None):
+                    cut = cut or (by_budget and target is not None and target > seen)
+                    break  # an unknown amount of data: the next batch, if any, tells whether the budget cut it
     finally:
         for handle in handles:
             handle.remove()
         model.train(was_training)
     if not labels:
         raise ValueError("No batches to scan: the data is empty.")
-    n = min(seen, max_examples) if max_examples is not None else seen
-    features = {name: np.concatenate(parts)[:n] for name, parts in collected.items()}
-    return features, np.concatenate(labels)[:n]
+    features = {}
+    for name in list(collected):
+        features[name] = np.concatenate(collected.pop(name))  # one layer at a time: the parts are freed
+    note = None
+    if cut and max_feature_bytes is not None:
+        note = _budget_note(seen, target, bytes_per_example, max_feature_bytes, len(features), available)
+    return _Collected(features, np.concatenate(labels), bytes_per_example, target, note)
 
 
 @dataclass
@@ -351,7 +470,11 @@ class LayerScore:
 class LayerScan:
     """The result of `scan_layers`: one `LayerScore` per scanned layer (input side first), the model's number of
     blocks, the data scanned (examples, classes, feature size, majority-class accuracy), the pooling, the wall time
-    of the forward pass and of the scores, and a name for the model (e.g. its folder)."""
+    of the forward pass and of the scores, and a name for the model (e.g. its folder).
+
+    When the memory budget (`ScanConfig.max_feature_bytes`) cut the data, `subsampled_from` is the number of examples
+    the scan would have taken without it (`None` when unknown: an iterable of batches) and `notes` says what
+    happened, in a sentence; `feature_bytes` is the memory the collected features took."""
 
     layers: list[LayerScore]
     num_blocks: int
@@ -363,6 +486,10 @@ class LayerScan:
     forward_seconds: float
     scoring_seconds: float
     model: str | None = None
+    feature_bytes: int = 0
+    subsampled: bool = False
+    subsampled_from: int | None = None
+    notes: list[str] = field(default_factory=list)
 
     def get(self, layer: str) -> LayerScore:
         for score in self.layers:
@@ -393,7 +520,7 @@ def scan_layers(
         model (`torch.nn.Module`): the pretrained model (its head is not used).
         batches (iterable of mappings): model inputs with a ``labels`` entry, e.g. a `torch.utils.data.DataLoader`.
         groups (`LayerGroups`, *optional*): the model's layer groups (default: `discover_layer_groups(model)`).
-        config (`ScanConfig`, *optional*): pooling, probe split, layers.
+        config (`ScanConfig`, *optional*): pooling, probe split, layers, the memory budget of the features.
         name (`str`, *optional*): a name for the model in tables and plots.
 
     Returns:
@@ -423,9 +550,10 @@ def scan_layers(
     config = config if config is not None else ScanConfig()
     groups = groups if groups is not None else discover_layer_groups(model)
     started = time.perf_counter()
-    features, labels = collect_layer_features(
-        model, batches, groups, config.pooling, config.layers, config.max_examples
+    found = _collect(
+        model, batches, groups, config.pooling, config.layers, config.max_examples, config.max_feature_bytes
     )
+    features, labels = found.features, found.labels
     forward_seconds = time.perf_counter() - started
     _check_labels(labels, config.probe_test_size)
     started = time.perf_counter()
@@ -453,6 +581,10 @@ def scan_layers(
         forward_seconds=forward_seconds,
         scoring_seconds=time.perf_counter() - started,
         model=name,
+        feature_bytes=int(sum(x.nbytes for x in features.values())),
+        subsampled=found.budget_note is not None,
+        subsampled_from=found.wanted if found.budget_note is not None else None,
+        notes=[found.budget_note] if found.budget_note is not None else [],
     )
 
 
