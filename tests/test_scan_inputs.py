@@ -316,3 +316,45 @@ def test_a_model_with_its_own_code_is_not_checked_against_the_task(tmp_path):
         UsageError, match=r"a model \(model_type 'my-encoder'\) that transformers cannot load"
     ):
         check_model_list([("--model", str(folder))], "text-classification")
+
+
+def test_cli_ranking_under_a_budget(tmp_path, folders, train_csv, capsys):
+    from tl_plugin.testing import save_tiny_bert
+
+    same_width = str(save_tiny_bert(tmp_path / "other", num_hidden_layers=2, seed=1))
+    wider = str(save_tiny_bert(tmp_path / "wider", num_hidden_layers=2, hidden_size=64))
+    budget_mb = repr(24 * 32 * 4 / 1024**2)  # the last layer only: 24 examples of 32 features fit
+    out = tmp_path / "rank"
+    code = main(["scan", "--model", folders["bert"], "--model", same_width, "--train_file", train_csv,
+                 "--output_dir", str(out), "--max_feature_memory_mb", budget_mb, *FAST])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert code == 0
+    saved = json.loads((out / "ranking.json").read_text())
+    for model in (folders["bert"], same_width):
+        scan = saved["scans"][model]
+        assert (scan["num_examples"], scan["subsampled_from"]) == (24, 29)
+        assert f"Note ({model}): The features of all 29 examples would take" in printed
+    budget_mb = repr(24 * 64 * 4 / 1024**2)  # all 29 examples of the narrow model fit, 24 of the wider one
+    line = _bad(capsys, "--model", folders["bert"], "--model", wider, "--train_file", train_csv,
+                "--max_feature_memory_mb", budget_mb, *FAST, "--output_dir", str(tmp_path / "o"))  # fmt: skip
+    assert line.startswith(f"tl-plugin scan: error: --max_feature_memory_mb {float(budget_mb):g}: the budget cut the "
+                           "models' data differently (The scan of")  # fmt: skip
+    assert line.endswith("give --max_examples to scan the same number of examples")
+
+
+def test_cli_cut_of_a_file_sorted_by_label_still_sees_every_class(tmp_path, folders, capsys):
+    # all sports rows first, then all science rows; a given validation file: no hold-out split reorders the rows
+    rows = sorted(articles(16, classes=("sports", "science")), key=lambda row: row["label"] != "sports")
+    train = write_csv(tmp_path / "sorted.csv", rows)
+    validation = write_csv(tmp_path / "validation.csv", articles(2, seed=1, classes=("sports", "science")))
+    for cut in (
+        ["--max_examples", "16"],
+        ["--max_feature_memory_mb", repr(16 * 32 * 4 / 1024**2), "--layers", "last"],
+    ):
+        out = tmp_path / cut[0].strip("-")
+        code = main(["scan", "--model_name_or_path", folders["bert"], "--train_file", str(train), "--validation_file",
+                     str(validation), "--probe_test_size", "0.5", "--output_dir", str(out), *cut, *FAST])  # fmt: skip
+        assert code == 0, capsys.readouterr().err
+        scan = json.loads((out / "scan.json").read_text())["scan"]
+        assert (scan["num_examples"], scan["num_classes"]) == (16, 2)  # the first 16 rows are all sports
+        assert scan["majority_accuracy"] <= 0.75

@@ -351,7 +351,7 @@ def run_scan(argv: list[str]) -> dict[str, Any]:
             if not any(scan.subsampled for scan in scans.values()):
                 raise
             raise UsageError(f"--max_feature_memory_mb {scan_args.max_feature_memory_mb:g}: the budget cut the "
-                             f"models' data differently ({err}); give --max_examples to scan the same "
+                             f"models' data differently ({str(err).rstrip('.')}); give --max_examples to scan the same "
                              f"number of examples") from None  # fmt: skip
         print(f"\nModels ranked by LogME of their last layer ({ranking[0][1].layer} ...):\n")
         width = max(len(p) for p in paths)
