@@ -857,7 +857,8 @@ def run_variant(
         eval_strategy="no",
         save_strategy="no",
         report_to=[],
-        use_cpu=True,
+        # the device is the Trainer's (Accelerate's) choice: a GPU where there is one, else the CPU
+        dataloader_pin_memory=torch.cuda.is_available(),
         disable_tqdm=True,
         dataloader_num_workers=0,
     )

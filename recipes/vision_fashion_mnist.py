@@ -427,7 +427,7 @@ class ProgressPrinter(TrainerCallback):
 def _batchnorm_state(model: nn.Module) -> dict[str, dict[str, torch.Tensor]]:
     return {
         name: {
-            key: buf.detach().clone() for key, buf in module.named_buffers(recurse=False) if buf is not None
+            key: buf.detach().cpu().clone() for key, buf in module.named_buffers(recurse=False) if buf is not None
         }
         for name, module in batchnorm_modules(model).items()
     }
@@ -495,7 +495,8 @@ def run_variant(
         save_strategy="no",
         report_to=[],
         remove_unused_columns=False,  # the collator needs the `image` column
-        use_cpu=True,
+        # the device is the Trainer's (Accelerate's) choice: a GPU where there is one, else the CPU
+        dataloader_pin_memory=torch.cuda.is_available(),
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
