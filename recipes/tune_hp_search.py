@@ -23,6 +23,7 @@ import functools
 import os
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -143,7 +144,13 @@ def run_hp_search(
     )
     summary: dict[str, Any] = {"best_run": best_run, "rows": rows, "csv": str(csv_path)}
     try:
-        summary["plot"] = str(tlt.plot_results(rows, output_dir / "results.png", settings.metric))
+        # the accuracy of always answering the validation split's most frequent label: a trial on it learned nothing
+        baseline = None
+        if settings.metric == "eval_accuracy":
+            counts = Counter(data["validation"]["label"])
+            baseline = max(counts.values()) / sum(counts.values())
+            summary["majority_rate"] = baseline
+        summary["plot"] = str(tlt.plot_results(rows, output_dir / "results.png", settings.metric, baseline=baseline))
     except ImportError as err:
         print(f"\nNo plot: {err}")
     best = tlt.save_best(rows, settings, output_dir)

@@ -124,7 +124,8 @@ def class_weights_from_labels(
     >>> class_weights_from_labels([0, 1, 3])
     Traceback (most recent call last):
         ...
-    ValueError: Class 2 has no example in `labels` (class counts: [1, 1, 0, 1]); its weight would be infinite. Check `labels`, or `num_classes` (4).
+    ValueError: Class 2 has no example in `labels` (class counts: [1, 1, 0, 1]); its weight would be infinite.
+    Check `labels`, or `num_classes` (4).
 
     ```
     """
