@@ -23,9 +23,11 @@ The JSON goes to ``benchmarks/results/scan_vs_grid.json`` (``scan_vs_grid_quick.
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -60,6 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--reuse_grid", type=Path, metavar="JSON",
         help="take the grid's accuracies and the full run's time from an earlier results file of the same settings "
         "and run only the scan (after a change to the scan)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--from_log", type=Path, nargs=2, metavar=("LOG", "WORK_DIR"),
+        help="summarise an interrupted run from its printed output (settings, scan and grid lines) and the scan "
+        "in its work folder (scan-vs-grid-* in the temporary directory): the grid has the runs that finished",
     )  # fmt: skip
     return parser
 
@@ -284,8 +291,42 @@ def reused_grid(path: Path, run: dict[str, Any]) -> tuple[dict[int, list[float]]
     return grid, summary["full_run_seconds"]
 
 
+GRID_LINE = re.compile(r"grid: boundary (\d+) seed (\d+): test accuracy ([\d.]+) \((\d+) s wall, (\d+) s CPU\)")
+SCAN_LINE = re.compile(r"scan: (\d+) s wall, (\d+) s CPU")
+
+
+def from_log(log: Path, work: Path) -> tuple[dict[str, Any], dict[str, Any], dict[int, list[float]], list[float]]:
+    """The settings, scan, grid and times (scan wall, scan CPU, full wall, full CPU) of an interrupted run."""
+    text = log.read_text()
+    run = ast.literal_eval(text.split("settings: ", 1)[1].splitlines()[0])
+    scan = json.loads((work / "scan" / "scan.json").read_text())
+    scan_wall, scan_cpu = (float(x) for x in SCAN_LINE.search(text).groups())  # type: ignore[union-attr]
+    grid: dict[int, list[float]] = {}
+    full: list[float] = []
+    for boundary, seed, accuracy, wall, cpu in GRID_LINE.findall(text):
+        grid.setdefault(int(boundary), []).append(float(accuracy))
+        if int(boundary) == 0 and int(seed) == run["seeds"][0]:
+            full = [float(wall), float(cpu)]
+    if not full:
+        raise SystemExit(f"--from_log {log}: the first full run (boundary 0, seed {run['seeds'][0]}) did not finish")
+    return run, scan, grid, [scan_wall, scan_cpu, *full]
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
+    if args.from_log is not None:
+        run, scan, grid, (scan_seconds, scan_cpu, full_seconds, full_cpu) = from_log(*args.from_log)
+        run["boundaries"] = sorted(grid)
+        run["runs_per_boundary"] = {b: len(v) for b, v in sorted(grid.items())}
+        summary = summarise(scan, grid, scan_seconds, full_seconds, (scan_cpu, full_cpu))
+        print(format_report(summary))
+        result = {"command": f"python benchmarks/scan_vs_grid.py --from_log {args.from_log[0]} WORK_DIR",
+                  "grid_from": "the finished runs of an interrupted run (its log)", "machine": machine(),
+                  "settings": run, "summary": summary, "scan": scan}  # fmt: skip
+        path = args.json or RESULTS / "scan_vs_grid.json"
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"results: {path}")
+        return result
     run = settings(args)
     env = subprocess_env(args.threads)
     started = datetime.now(timezone.utc)

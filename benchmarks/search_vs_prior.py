@@ -2,7 +2,7 @@
 
 One command (offline; starts a local Ray of ``--num_cpus`` CPUs for each search and stops it)::
 
-    .venv/bin/python benchmarks/search_vs_prior.py                 # 6 trials each, 2,000 reviews, 2 epochs
+    .venv/bin/python benchmarks/search_vs_prior.py                 # 4 trials each, 2,000 reviews, 2 epochs
     .venv/bin/python benchmarks/search_vs_prior.py --quick         # 3 trials each, 400 reviews (a smoke run)
 
 On the bundled fine-food reviews with the bundled all-MiniLM-L6-v2, side by side in one run, every command a fresh
@@ -14,7 +14,8 @@ subprocess with the same environment:
 3. ``tl-plugin search --prior scan``: the layer scan first, then only the boundaries near its recommendation, its
    learning-rate range, the recommendation as the first trial.
 
-Both searches use the activation cache (``--activation_cache``: trials with frozen bottom blocks train on cached
+Ray's workers run at niceness 0 here (``RAY_worker_niceness=0``; Ray's default, 15, starves the trials on a
+shared machine and would make their times incomparable with the full run's). Both searches use the activation cache (``--activation_cache``: trials with frozen bottom blocks train on cached
 activations) and the same ``--num_samples``, ``--max_epochs``, ASHA settings, data and seed.
 
 Compute is counted in trial seconds (each trial's ``time_s``: Tune's ``time_total_s``; with ``--num_cpus 2`` two
@@ -41,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import scan_vs_grid  # noqa: E402  (machine(), subprocess_env(), timed(), RESULTS)
 
-FULL = {"num_samples": 6, "train_size": 2000, "max_epochs": 2}
+FULL = {"num_samples": 4, "train_size": 2000, "max_epochs": 2}
 QUICK = {"num_samples": 3, "train_size": 400, "max_epochs": 2}
 METRIC = "eval_accuracy"
 
@@ -49,7 +50,7 @@ METRIC = "eval_accuracy"
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="3 trials each, 400 reviews")
-    parser.add_argument("--num_samples", type=int, help="trials of each search (default 6)")
+    parser.add_argument("--num_samples", type=int, help="trials of each search (default 4)")
     parser.add_argument("--train_size", type=int, help="training reviews (default 2000)")
     parser.add_argument("--max_epochs", type=int, help="epochs of a trial not stopped early (default 2)")
     parser.add_argument("--num_cpus", type=int, default=2, help="CPUs of each search's local Ray (one per trial)")
@@ -158,6 +159,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     run = settings(args)
     env = scan_vs_grid.subprocess_env(1)
+    # Ray starts its workers at niceness 15 (to keep its own processes responsive): on a machine shared with other
+    # jobs the trials then starve (a 2-trial tiny search took 494 s instead of ~60), and a trial's time says more
+    # about the other jobs than about the trial. At 0 they compete like the full run they are compared with.
+    env["RAY_worker_niceness"] = "0"
     started = datetime.now(timezone.utc)
     print(f"settings: {run}", flush=True)
     with tempfile.TemporaryDirectory(prefix="search-vs-prior-") as tmp:

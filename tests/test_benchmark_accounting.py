@@ -70,3 +70,24 @@ def test_the_scan_benchmark_reports_the_cpu_time_ratio_next_to_the_wall_time_one
     assert summary["scan_over_full_run"] == 0.5
     assert summary["scan_over_full_run_cpu"] == 0.2
     assert "CPU time: scan 10 s, one full fine-tuning run 50 s: ratio 0.20" in bench.format_report(summary)
+
+
+def test_an_interrupted_grid_is_summarised_from_the_runs_its_log_shows(tmp_path):
+    import json
+
+    bench = load("scan_vs_grid")
+    (tmp_path / "scan").mkdir()
+    (tmp_path / "scan" / "scan.json").write_text(json.dumps({"scan": {}, "recommendation": {"boundary": 1}}))
+    log = tmp_path / "run.log"
+    log.write_text(
+        "settings: {'boundaries': [0, 1], 'seeds': [42, 43], 'train_size': 2000}\n"
+        "scan: 296 s wall, 66 s CPU; recommends boundary 1\n"
+        "grid: boundary 0 seed 42: test accuracy 0.7980 (861 s wall, 385 s CPU)\n"
+        "grid: boundary 1 seed 42: test accuracy 0.7900 (700 s wall, 300 s CPU)\n"
+        "grid: boundary 0 seed 43: test accuracy 0.8100 (500 s wall, 380 s CPU)\n"
+    )
+    run, scan, grid, times = bench.from_log(log, tmp_path)
+    assert run["seeds"] == [42, 43]
+    assert grid == {0: [0.798, 0.81], 1: [0.79]}
+    assert times == [296.0, 66.0, 861.0, 385.0]  # the full run is the first seed's
+    assert scan["recommendation"]["boundary"] == 1
