@@ -390,7 +390,7 @@ def test_trainer_hyperparameter_search_passes_transfer_keys_to_model_init(ray_en
     recipe = _load_recipe("tune_hp_search")
     args = recipe.build_parser().parse_args(
         ["--model-path", tiny_model_dir, "--output-dir", str(tmp_path / "hp"), "--train-size", "64",
-         "--max-epochs", "1", "--n-trials", "1", "--metric", "eval_loss", "--mode", "min", "--quiet-workers",
+         "--max-epochs", "1", "--n-trials", "1", "--metric", "eval_accuracy", "--mode", "max", "--quiet-workers",
          "--verbose", "0"]
     )  # fmt: skip
 
@@ -416,6 +416,13 @@ def test_trainer_hyperparameter_search_passes_transfer_keys_to_model_init(ray_en
     assert TransferConfig.load(summary["best"]["transfer_config"]) == TransferConfig(
         strategy="layers", freeze_bottom_blocks=TINY_BLOCKS, lr_decay=0.8
     )
+    # the plot's baseline: the share of the most frequent label among the validation reviews the trials evaluate on
+    from collections import Counter
+
+    from tl_plugin.data import load_fine_food_reviews
+
+    labels = load_fine_food_reviews(train_size=64, test_size=1, seed=42)["validation"]["label"]
+    assert summary["majority_rate"] == max(Counter(labels).values()) / len(labels)
 
 
 # ---------------------------------------------------------------------------------------------- real model (slow)
