@@ -83,3 +83,40 @@ def test_search_with_the_scan_prior_runs_the_recommendation_first_within_the_nar
         assert config["strategy"] == point["strategy"]
         assert float(config["learning_rate"]) == pytest.approx(point["learning_rate"])
     assert all(c["freeze_bottom_blocks"] in prior["freeze_blocks"] for c in configs)
+
+
+def test_the_default_config_is_not_tried_twice_when_the_scan_recommends_it():
+    """Found by benchmarks/search_vs_prior.py: with the scan recommending boundary 3 at lr 1e-4 (the middle of
+    5e-5..2e-4) on a 6-block model, the default config of tl-plugin train was appended as a 4th point, and a
+    4-trial seeded search trained the same config twice instead of sampling one."""
+    from tl_plugin.app.search import initial_points
+    from tl_plugin.app.search_prior import prior_from_recommendation
+
+    prior = prior_from_recommendation(3, (5e-5, 2e-4), num_blocks=6)
+    search = {"baseline": True, "strategies": ["layers"], "l2sp": False, "prior": prior.to_dict()}
+    points = initial_points(search, num_blocks=6)
+    assert [(p["strategy"], p["freeze_bottom_blocks"]) for p in points] == [
+        ("layers", 3),
+        ("layers", 2),
+        ("layers", 4),
+    ]
+    # a recommendation that differs from the default keeps the default as the last point
+    other = prior_from_recommendation(2, (1e-4, 5e-4), num_blocks=6)
+    points = initial_points({**search, "prior": other.to_dict()}, num_blocks=6)
+    assert [(p["freeze_bottom_blocks"], round(p["learning_rate"], 6)) for p in points] == [
+        (2, 0.000224),
+        (1, 0.000224),
+        (3, 0.000224),
+        (3, 0.0001),
+    ]
+    # without the prior: only the default; with --no_baseline: nothing
+    assert len(initial_points({**search, "prior": None}, num_blocks=6)) == 1
+    assert initial_points({**search, "prior": None, "baseline": False}, num_blocks=6) == []
+
+
+def test_the_search_module_examples_run():
+    from tl_plugin.app import search
+
+    result = run_doctests(search)
+    assert result.failed == 0
+    assert result.attempted > 0

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,8 +26,8 @@ from .parser import CommandParser
 from .resume_check import data_fingerprint, explicit_options, resume_differences
 
 __all__ = [
-    "DEFAULT_NAME", "DEFAULT_OUTPUT_DIR", "build_search_parser", "main", "run_search", "user_train_flags",
-    "validation_majority_rate",
+    "DEFAULT_NAME", "DEFAULT_OUTPUT_DIR", "build_search_parser", "initial_points", "main", "run_search",
+    "user_train_flags", "validation_majority_rate",
 ]  # fmt: skip
 
 DEFAULT_OUTPUT_DIR = "outputs/tune"
@@ -359,16 +360,7 @@ def run_search(args: argparse.Namespace, extra_callbacks: Sequence[Any] = ()) ->
                 l2sp_alphas=(0.0, 1e-3, 1e-2, 1e-1) if search["l2sp"] else None,
                 freeze_blocks=search["prior"]["freeze_blocks"] if isinstance(search.get("prior"), dict) else None,
             )
-            points = []
-            if isinstance(search.get("prior"), dict):  # the scan's recommendation and its neighbours first
-                points += [dict(p) for p in search["prior"]["first_points"]]
-            if search["baseline"] and "layers" in search["strategies"]:
-                points.append(tlt.baseline_point(settings.num_blocks))
-            for point in points:  # the optional knobs off, as tl-plugin train runs
-                if search.get("gradual_unfreezing"):
-                    point["unfreeze_pace"] = 0
-                if search["l2sp"]:
-                    point["l2sp_alpha"] = 0.0
+            points = initial_points(search, settings.num_blocks)
             tuner = tune.Tuner(
                 trainable,
                 param_space=space,
@@ -401,6 +393,47 @@ def run_search(args: argparse.Namespace, extra_callbacks: Sequence[Any] = ()) ->
         rows = tlt.rows_from_trials(tune.ExperimentAnalysis(experiment_path).trials, settings)
 
     return _finish(rows, search, settings, output_dir, csv_path, experiment_path, started, baseline)
+
+
+def initial_points(search: dict[str, Any], num_blocks: int) -> list[dict[str, Any]]:
+    """The points tried before any sampled one: the scan's recommendation and its neighbours (``--prior scan``),
+    then the default config of ``tl-plugin train`` (unless ``--no_baseline``), each once: the default is left out
+    when the scan recommends the same config (it would train the same trial twice).
+
+    Example:
+
+    ```python
+    >>> from tl_plugin.app.search import initial_points
+    >>> search = {"baseline": True, "strategies": ["layers"], "l2sp": False}
+    >>> [(p["strategy"], p["freeze_bottom_blocks"]) for p in initial_points(search, num_blocks=6)]
+    [('layers', 3)]
+
+    ```
+    """
+    from .. import tune as tlt
+
+    points = []
+    if isinstance(search.get("prior"), dict):  # the scan's recommendation and its neighbours first
+        points += [dict(p) for p in search["prior"]["first_points"]]
+    if search["baseline"] and "layers" in search["strategies"]:
+        baseline = tlt.baseline_point(num_blocks)
+        if not any(_same_point(baseline, point) for point in points):
+            points.append(baseline)
+    for point in points:  # the optional knobs off, as tl-plugin train runs
+        if search.get("gradual_unfreezing"):
+            point["unfreeze_pace"] = 0
+        if search["l2sp"]:
+            point["l2sp_alpha"] = 0.0
+    return points
+
+
+def _same_point(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two points train the same config (learning rates equal to float rounding)."""
+    if a.keys() != b.keys():
+        return False
+    return all(
+        math.isclose(a[k], b[k], rel_tol=1e-9) if k == "learning_rate" else a[k] == b[k] for k in a
+    )
 
 
 def _scheduler(search: dict[str, Any], settings: Any) -> Any:
