@@ -323,10 +323,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         result = {"command": f"python benchmarks/scan_vs_grid.py --from_log {args.from_log[0]} WORK_DIR",
                   "grid_from": "the finished runs of an interrupted run (its log)", "machine": machine(),
                   "settings": run, "summary": summary, "scan": scan}  # fmt: skip
-        path = args.json or RESULTS / "scan_vs_grid.json"
-        path.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"results: {path}")
-        return result
+        return save_result(result, args.json or RESULTS / "scan_vs_grid.json")
     run = settings(args)
     env = subprocess_env(args.threads)
     started = datetime.now(timezone.utc)
@@ -358,7 +355,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "scan": scan,
         "grid_from": str(args.reuse_grid) if args.reuse_grid is not None else "this run",
     }
-    path = args.json or RESULTS / ("scan_vs_grid_quick.json" if args.quick else "scan_vs_grid.json")
+    return save_result(result, args.json or RESULTS / ("scan_vs_grid_quick.json" if args.quick else "scan_vs_grid.json"))
+
+
+def save_result(result: dict[str, Any], path: Path) -> dict[str, Any]:
+    """Write a benchmark's `result` as JSON to `path` (its folder made) and say where; returns `result`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"results: {path}")

@@ -20,7 +20,6 @@ The JSON goes to ``benchmarks/results/scan_vs_grid_vision.json`` (``..._quick.js
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -161,11 +160,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "scan": scan,
         "runs": results,
     }
-    path = args.json or scan_vs_grid.RESULTS / ("scan_vs_grid_vision_quick.json" if args.quick else "scan_vs_grid_vision.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"results: {path}")
-    return result
+    default = scan_vs_grid.RESULTS / ("scan_vs_grid_vision_quick.json" if args.quick else "scan_vs_grid_vision.json")
+    return scan_vs_grid.save_result(result, args.json or default)
 
 
 if __name__ == "__main__":

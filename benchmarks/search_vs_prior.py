@@ -191,11 +191,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "seeded_rows": seeded,
         "scan_recommendation": scan_json["recommendation"],
     }
-    path = args.json or scan_vs_grid.RESULTS / ("search_vs_prior_quick.json" if args.quick else "search_vs_prior.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"results: {path}")
-    return result
+    default = scan_vs_grid.RESULTS / ("search_vs_prior_quick.json" if args.quick else "search_vs_prior.json")
+    return scan_vs_grid.save_result(result, args.json or default)
 
 
 if __name__ == "__main__":
