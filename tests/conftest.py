@@ -31,3 +31,19 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def scan_error(capsys):
+    """``scan_error(*args)``: run ``tl-plugin scan ARGS``, check it stops with exit code 2 and no traceback, and
+    return the last line of its error output (the one-line message)."""
+    from tl_plugin.cli import main
+
+    def run(*args: str) -> str:
+        code = main(["scan", *args])
+        err = capsys.readouterr().err.strip()
+        assert code == 2, err
+        assert "Traceback" not in err
+        return err.splitlines()[-1]
+
+    return run

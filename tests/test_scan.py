@@ -347,26 +347,18 @@ def test_cli_ranks_an_informative_model_above_a_blind_one(tmp_path, tiny_models,
     assert "1     " + informative in capsys.readouterr().out
 
 
-def _bad(capsys, *args: str) -> str:
-    code = main(["scan", *args])
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert "Traceback" not in err
-    return err.splitlines()[-1]
-
-
-def test_cli_bad_input_is_one_line(tmp_path, tiny_models, train_csv, capsys):
+def test_cli_bad_input_is_one_line(tmp_path, tiny_models, train_csv, capsys, scan_error):
     model = tiny_models[0]
-    assert "--model_name_or_path: no such folder" in _bad(capsys, "--model_name_or_path", str(tmp_path / "nope"))
-    line = _bad(capsys, "--model", model, "--model", str(tmp_path / "nope"), "--train_file", train_csv)
+    assert "--model_name_or_path: no such folder" in scan_error("--model_name_or_path", str(tmp_path / "nope"))
+    line = scan_error("--model", model, "--model", str(tmp_path / "nope"), "--train_file", train_csv)
     assert line.startswith("tl-plugin scan: error: --model: no such folder")
-    line = _bad(capsys, "--model_name_or_path", model, "--train_file", train_csv, "--layers", "blocks.9", *FAST,
+    line = scan_error("--model_name_or_path", model, "--train_file", train_csv, "--layers", "blocks.9", *FAST,
                 "--output_dir", str(tmp_path / "o"))  # fmt: skip
     assert "--layers blocks.9: Unknown layer(s) ['blocks.9']; the layers of this model are: embeddings, blocks.0, blocks.1" in line
     few = write_csv(tmp_path / "few.csv", articles(4, classes=("sports", "science")))
-    line = _bad(capsys, "--model_name_or_path", model, "--train_file", str(few), *FAST, "--output_dir", str(tmp_path / "o"))
+    line = scan_error("--model_name_or_path", model, "--train_file", str(few), *FAST, "--output_dir", str(tmp_path / "o"))
     assert "every class needs at least 8 examples" in line
-    assert "--pooling" in _bad(capsys, "--pooling", "max")
+    assert "--pooling" in scan_error("--pooling", "max")
     assert not (tmp_path / "o").exists()
 
 

@@ -181,14 +181,6 @@ def train_csv(tmp_path_factory) -> str:
 FAST = ["--max_length", "24", "--batch_size", "8", "--pooling", "mean"]
 
 
-def _bad(capsys, *args: str) -> str:
-    code = main(["scan", *args])
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert "Traceback" not in err
-    return err.splitlines()[-1]
-
-
 def test_cli_budget_cut_is_one_line_in_the_output_and_in_scan_json(tmp_path, folders, train_csv, capsys):
     out = tmp_path / "scan"
     per_example = 3 * 32 * 4  # embeddings + 2 blocks of 32 features
@@ -230,15 +222,15 @@ def test_cli_max_examples_scans_a_seeded_random_sample(tmp_path, folders, train_
     assert scanned("42")["layers"] == scan["layers"]  # seeded: the same sample again
 
 
-def test_cli_budget_and_max_examples_bad_values(tmp_path, folders, train_csv, capsys):
-    assert _bad(capsys, "--max_examples", "1").endswith(
+def test_cli_budget_and_max_examples_bad_values(tmp_path, folders, train_csv, capsys, scan_error):
+    assert scan_error("--max_examples", "1").endswith(
         "--max_examples must be at least 2 (or left out: all examples), got 1"
     )
     for value in ("0", "-3", "nan"):
-        line = _bad(capsys, "--max_feature_memory_mb", value)
+        line = scan_error("--max_feature_memory_mb", value)
         assert "--max_feature_memory_mb must be a number of MiB above 0, got" in line, line
-    assert "--max_feature_memory_mb" in _bad(capsys, "--max_feature_memory_mb", "lots")
-    line = _bad(capsys, "--model_name_or_path", folders["bert"], "--train_file", train_csv, *FAST,
+    assert "--max_feature_memory_mb" in scan_error("--max_feature_memory_mb", "lots")
+    line = scan_error("--model_name_or_path", folders["bert"], "--train_file", train_csv, *FAST,
                 "--max_feature_memory_mb", "0.0001", "--output_dir", str(tmp_path / "o"))  # fmt: skip
     assert line.startswith("tl-plugin scan: error: --max_feature_memory_mb 0.0001: The memory budget of 105 bytes "
                            "holds the features of 0 example(s) (384 bytes per example over 3 layer(s))")  # fmt: skip
@@ -280,13 +272,13 @@ def test_models_that_go_together_pass(folders):
     check_model_list([("--model", folders[name]) for name in names], "text-classification")
 
 
-def test_cli_refuses_a_mixed_list_before_loading_weights(tmp_path, folders, train_csv, capsys):
-    line = _bad(capsys, "--model", folders["bert"], "--model", folders["vit"], "--train_file", train_csv, *FAST,
+def test_cli_refuses_a_mixed_list_before_loading_weights(tmp_path, folders, train_csv, capsys, scan_error):
+    line = scan_error("--model", folders["bert"], "--model", folders["vit"], "--train_file", train_csv, *FAST,
                 "--output_dir", str(tmp_path / "o"))  # fmt: skip
     assert line.startswith(
         f"tl-plugin scan: error: --model {folders['vit']}: an image model (model_type 'vit')"
     )
-    line = _bad(capsys, "--model_name_or_path", folders["sentiment"], "--model", folders["topics"], "--train_file",
+    line = scan_error("--model_name_or_path", folders["sentiment"], "--model", folders["topics"], "--train_file",
                 train_csv, *FAST, "--output_dir", str(tmp_path / "o"))  # fmt: skip
     assert f"--model {folders['topics']}: fine-tuned for the labels ['arts', 'science', 'sports'], " \
            f"--model_name_or_path {folders['sentiment']} for ['neg', 'pos']" in line  # fmt: skip
@@ -318,7 +310,7 @@ def test_a_model_with_its_own_code_is_not_checked_against_the_task(tmp_path):
         check_model_list([("--model", str(folder))], "text-classification")
 
 
-def test_cli_ranking_under_a_budget(tmp_path, folders, train_csv, capsys):
+def test_cli_ranking_under_a_budget(tmp_path, folders, train_csv, capsys, scan_error):
     from tl_plugin.testing import save_tiny_bert
 
     same_width = str(save_tiny_bert(tmp_path / "other", num_hidden_layers=2, seed=1))
@@ -335,7 +327,7 @@ def test_cli_ranking_under_a_budget(tmp_path, folders, train_csv, capsys):
         assert (scan["num_examples"], scan["subsampled_from"]) == (24, 29)
         assert f"Note ({model}): The features of all 29 examples would take" in printed
     budget_mb = repr(24 * 64 * 4 / 1024**2)  # all 29 examples of the narrow model fit, 24 of the wider one
-    line = _bad(capsys, "--model", folders["bert"], "--model", wider, "--train_file", train_csv,
+    line = scan_error("--model", folders["bert"], "--model", wider, "--train_file", train_csv,
                 "--max_feature_memory_mb", budget_mb, *FAST, "--output_dir", str(tmp_path / "o"))  # fmt: skip
     assert line.startswith(f"tl-plugin scan: error: --max_feature_memory_mb {float(budget_mb):g}: the budget cut the "
                            "models' data differently (The scan of")  # fmt: skip
