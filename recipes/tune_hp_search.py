@@ -23,7 +23,6 @@ import functools
 import os
 import sys
 import time
-from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -79,7 +78,7 @@ def run_hp_search(
     from transformers import AutoTokenizer
 
     from tl_plugin import tune as tlt
-    from tl_plugin.data import load_fine_food_reviews, tokenize_dataset
+    from tl_plugin.data import load_fine_food_reviews, majority_class_accuracy, tokenize_dataset
     from tl_plugin.metrics import build_compute_metrics
 
     tlt.require_ray()
@@ -147,8 +146,7 @@ def run_hp_search(
         # the accuracy of always answering the validation split's most frequent label: a trial on it learned nothing
         baseline = None
         if settings.metric == "eval_accuracy":
-            counts = Counter(data["validation"]["label"])
-            baseline = max(counts.values()) / sum(counts.values())
+            baseline = majority_class_accuracy(data["validation"])
             summary["majority_rate"] = baseline
         summary["plot"] = str(tlt.plot_results(rows, output_dir / "results.png", settings.metric, baseline=baseline))
     except ImportError as err:

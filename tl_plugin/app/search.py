@@ -222,12 +222,11 @@ def validation_majority_rate(settings: Any) -> float | None:
         `float` or `None`: the rate, or `None` where it is not the baseline of the metric: a metric other than
         ``eval_accuracy``, or labels that are lists (multi-label, token classification).
     """
-    from collections import Counter
-
     from datasets import DatasetDict
 
     from .. import tune as tlt
     from .data import check_texts
+    from .demo import majority_class_accuracy
     from .train import load_task_data, parse_train_args
 
     if settings.metric != "eval_accuracy":
@@ -242,8 +241,7 @@ def validation_majority_rate(settings: Any) -> float | None:
     labels = validation["validation"][columns.label]
     if not labels or any(isinstance(value, list) for value in labels):
         return None
-    counts = Counter(str(value) for value in labels)
-    return max(counts.values()) / len(labels)
+    return majority_class_accuracy(validation["validation"], columns.label)
 
 
 def _check_own_data(args: argparse.Namespace, settings: Any) -> None:
